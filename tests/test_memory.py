@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+
+from ftnb.memory import MIB, ProbeTable, footprint, probe
+from ftnb.models import load_model
+
+SIZE_MIB = 256
+
+
+def _touch(mib: int) -> torch.Tensor:
+    return torch.ones(mib * MIB // 4, dtype=torch.float32)  # ones() writes every page
+
+
+def test_probe_measures_a_known_allocation_within_10_percent():
+    table = ProbeTable()
+    with probe("alloc", table):
+        x = _touch(SIZE_MIB)
+        del x
+    rec = table[0]
+    assert rec.rss_peak_delta_mib == pytest.approx(SIZE_MIB, rel=0.10)
+    assert abs(rec.rss_end_delta_mib) < 0.10 * SIZE_MIB  # freed again
+    assert rec.seconds >= 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_probe_measures_cuda_allocation():
+    table = ProbeTable()
+    with probe("cuda", table):
+        x = torch.ones(SIZE_MIB * MIB // 4, device="cuda")
+        del x
+    assert table[0].accel_peak_delta_mib == pytest.approx(SIZE_MIB, rel=0.10)
+
+
+def test_nested_probes_keep_the_outer_peak(tmp_path):
+    table = ProbeTable()
+    with probe("outer", table):
+        with probe("inner", table):
+            x = _touch(SIZE_MIB)
+            del x
+        y = _touch(64)
+    inner, outer = table
+    assert (inner.depth, outer.depth) == (1, 0)
+    # the inner probe reset the peak, yet the outer one still saw it
+    assert outer.rss_peak_delta_mib == pytest.approx(SIZE_MIB, rel=0.10)
+    assert outer.rss_end_delta_mib == pytest.approx(64, rel=0.25)
+    table.save(tmp_path / "p.json")
+    assert [r["label"] for r in json.loads((tmp_path / "p.json").read_text())] == ["inner", "outer"]
+    assert "outer" in str(table)
+    del y
+
+
+def test_footprint_of_nf4_model_matches_hand_arithmetic(tiny_model_path):
+    model = load_model(tiny_model_path, quantization="nf4", double_quant=False)
+    fp = footprint(model)
+    roles = fp.bytes_by_role()
+    # 2 layers x (q 64x64, k 32x64, v 32x64, o 64x64, gate/up 128x64, down 64x128) are quantised
+    per_layer = 64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 3
+    logical = 2 * per_layer
+    assert roles["4-bit weights (packed)"] == logical // 2  # two weights per byte
+    # one fp32 absmax per block of 64 weights, plus the 16-entry code table per layer
+    assert roles["4-bit quantization constants"] == logical // 64 * 4 + 14 * 16 * 4
+    assert fp.total_params == sum(p.numel() for p in load_model(tiny_model_path).parameters())
+
+
+def test_footprint_counts_trainable_adapters(tiny_model_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_model(tiny_model_path), LoraConfig(r=4, target_modules=["q_proj"]))
+    fp = footprint(model)
+    assert fp.trainable_params == 2 * (4 * 64 + 64 * 4)  # A and B for q_proj in 2 layers
+    assert fp.bytes_by_role()["trainable"] == fp.trainable_params * 4
