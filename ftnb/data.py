@@ -139,3 +139,32 @@ def subset(split: Dataset, limit: int | None, seed: int = 0) -> Dataset:
     if not limit or limit >= len(split):
         return split
     return split.shuffle(seed=seed).select(range(limit))
+
+
+def _words(text: str) -> set[str]:
+    return set(text.lower().split())
+
+
+def token_jaccard(a: str, b: str) -> float:
+    """|words(a) ∩ words(b)| / |words(a) ∪ words(b)|, on lower-cased whitespace tokens."""
+    wa, wb = _words(a), _words(b)
+    return len(wa & wb) / max(len(wa | wb), 1)
+
+
+def near_duplicates(texts: list[str], others: list[str] | None = None,
+                    threshold: float = 0.8) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, similarity) with token Jaccard above `threshold`: within `texts`, or between
+    `texts` and `others` when given. Used to keep test items from leaking into training."""
+    left = [_words(t) for t in texts]
+    right = left if others is None else [_words(t) for t in others]
+    pairs = []
+    for i, a in enumerate(left):
+        for j in range(i + 1 if others is None else 0, len(right)):
+            b = right[j]
+            # cheap bound first: Jaccard <= min/max of the set sizes
+            if min(len(a), len(b)) < threshold * max(len(a), len(b)):
+                continue
+            sim = len(a & b) / max(len(a | b), 1)
+            if sim > threshold:
+                pairs.append((i, j, sim))
+    return pairs
