@@ -134,11 +134,19 @@ def token_length_stats(dataset: Dataset, tokenizer, text: Callable[[dict], str])
             "p99": float(np.percentile(lengths, 99)), "max": int(lengths.max())}
 
 
-def subset(split: Dataset, limit: int | None, seed: int = 0) -> Dataset:
-    """A shuffled subset of at most `limit` rows (all rows when limit is None or 0)."""
+def subset(split: Dataset, limit: int | None, seed: int = 0, stratify: str | None = None) -> Dataset:
+    """A shuffled subset of at most `limit` rows (all rows when limit is None or 0). With
+    `stratify`, labels take turns, so a small smoke-test subset still holds every class."""
     if not limit or limit >= len(split):
         return split
-    return split.shuffle(seed=seed).select(range(limit))
+    shuffled = split.shuffle(seed=seed)
+    if stratify is None:
+        return shuffled.select(range(limit))
+    queues: dict = {}
+    for i, label in enumerate(shuffled[stratify]):
+        queues.setdefault(label, []).append(i)
+    order = [q[k] for k in range(max(map(len, queues.values()))) for q in queues.values() if k < len(q)]
+    return shuffled.select(sorted(order[:limit]))
 
 
 def _words(text: str) -> set[str]:

@@ -77,6 +77,12 @@ def pick_dtype() -> torch.dtype:
     return torch.bfloat16 if native_bf16() else torch.float16
 
 
+def precision_flags() -> dict[str, bool]:
+    """The Trainer's mixed-precision switches for pick_dtype(): TrainingArguments(**precision_flags())."""
+    dtype = pick_dtype()
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
 def _version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
