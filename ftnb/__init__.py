@@ -3,11 +3,25 @@
 Usage:
     import ftnb
     ftnb.env.report()
+    from ftnb.memory import probe
+
+Submodules load on first use, so `import ftnb.memory` works on a machine without
+datasets or papermill (a bare GPU box), and `import ftnb` stays fast.
 """
-from ftnb import data, env, memory, models, results
+import importlib
 
 __version__ = "0.1.0"
 # The GitHub repository the Open-in-Colab badges point to (change it in a fork).
 REPO = "ftnb-course/ftnb"
 
-__all__ = ["data", "env", "memory", "models", "results", "REPO", "__version__"]
+_SUBMODULES = ("classify", "conventions", "data", "env", "estimate", "inference", "memory",
+               "models", "plots", "results", "runner", "sft")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"ftnb.{name}")
+    raise AttributeError(f"module 'ftnb' has no attribute {name!r}")
+
+
+__all__ = ["REPO", "__version__", *_SUBMODULES]
