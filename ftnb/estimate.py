@@ -1,0 +1,656 @@
+"""Predict the memory of fine-tuning (or running) a model from its config alone, before loading it.
+
+Usage:
+    from ftnb.estimate import estimate_training_memory, estimate_inference_memory, fits
+    est = estimate_training_memory("smollm2-135m-instruct", quantization="nf4", batch_size=8,
+                                   seq_len=512, gradient_checkpointing=True, device="cuda")
+    print(est)                      # the breakdown, one row per component
+    est.fits("T4 16 GB")            # -> Fit(fits=True, ...) with suggestions when it does not fit
+    fits(est, "current")            # the device this kernel runs on
+
+Only the model config is read (registry name, local folder or hub id; hub ids need internet for
+the config file only), so it works for a 70B model on a laptop. What is modelled, per component:
+
+* weights: 4-bit (NF4/FP4: half a byte per weight, one absmax per block of 64 weights in fp32, or
+  in 8 bits plus a second-level fp32 scale per 256 blocks with double quantisation), 8-bit
+  (one byte plus an fp32 scale per output row), and what stays in floating point (embeddings,
+  heads, norms). `prepare_model_for_kbit_training` casts every fp16/bf16 parameter that is not
+  4-bit to fp32 (peft 0.21), so embeddings and norms double in size under QLoRA on a GPU;
+* LoRA adapters: r x (in + out) per targeted linear, kept in fp32 by peft, their gradients and the
+  optimizer state (AdamW: two fp32 moments; 8-bit AdamW: two 1-byte moments; paged 8-bit AdamW
+  lives in CUDA unified memory, outside the allocator; SGD: none);
+* activations saved for backward, per layer and token, for Llama-style (gated MLP) and BERT-style
+  blocks; eager attention also keeps batch x heads x seq x seq probabilities, SDPA does not;
+  gradient checkpointing keeps one hidden state per layer plus one recomputed layer;
+* the loss: logits batch x seq x vocab, upcast to fp32, the log-softmax the cross-entropy saves
+  and the two gradients of the same size in backward: 12-16 bytes per token per vocabulary entry,
+  which is what dominates a small model with a 49k vocabulary;
+* fixed costs: the CUDA context (not visible to torch's allocator) or, on CPU, the resident memory
+  of a Python process with torch and transformers imported, the checkpoint file pages that stay
+  mapped, and glibc's heap overhead (see CPU_HEAP_OVERHEAD).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+MIB, GIB = 2**20, 2**30
+
+# Usable memory as torch reports it (total_memory), not the marketing number.
+GPUS: dict[str, float] = {
+    "T4 16 GB": 14.7 * GIB,
+    "L4 24 GB": 22.0 * GIB,
+    "A100 40 GB": 39.4 * GIB,
+    "A100 80 GB": 79.1 * GIB,
+    "H100 80 GB": 79.1 * GIB,
+    "H200 141 GB": 139.8 * GIB,
+}
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
+QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+
+# Fixed overheads, measured (see benchmarks/README.md):
+CUDA_CONTEXT = 450 * MIB  # CUDA context + kernels of torch/bnb; nvidia-smi sees it, torch's allocator does not
+CUDA_FRAGMENTATION = 0.05  # reserved/allocated of the caching allocator in these training loops
+CPU_PROCESS_BASELINE = 500 * MIB  # RSS of python with torch + transformers + peft + bitsandbytes imported
+# glibc serves tensors below its mmap threshold (which grows to 32 MiB after the first large free)
+# from heaps it does not return to the OS between steps. The forward pass creates every layer's
+# activations; with checkpointing most are freed at once, but the small tensors kept in between
+# (checkpoints, LoRA outputs) pin the heap they grew, and freed holes are only partly reused. So
+# on CPU the peak RSS exceeds the live bytes by about CPU_HEAP_OVERHEAD x the activations the
+# forward pass creates (all layers, checkpointed or not). Measured once on SmolLM2-135M (fp32 LoRA,
+# batch 4 x 128, 2 threads) as the difference between the default allocator and
+# MALLOC_MMAP_THRESHOLD_=65536 (every tensor mmapped and returned at free; there the live-bytes
+# model matched the peak within 5%): 0.87x without checkpointing, 0.75x with it.
+CPU_HEAP_OVERHEAD = 0.8
+
+BLOCK_4BIT, BLOCK_NESTED = 64, 256  # bitsandbytes: weights per absmax; absmax per 2nd-level scale
+_ALIASES = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "c_attn": "q_proj"}
+
+
+def _dtype_bytes(dtype: Any) -> int:
+    name = str(dtype).replace("torch.", "")
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_BYTES)}")
+    return DTYPE_BYTES[name]
+
+
+# ---------------------------------------------------------------- model shape
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on, read from a transformers config."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    tie_word_embeddings: bool
+    gated_mlp: bool  # Llama/Mistral/Qwen: gate, up, down; BERT/GPT-2: up, down
+    checkpoint_dtype: str = "float32"
+
+    @classmethod
+    def from_config(cls, config: Any, name: str = "") -> "ModelShape":
+        c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        hidden = c.get("hidden_size") or c["n_embd"]
+        heads = c.get("num_attention_heads") or c["n_head"]
+        model_type = c.get("model_type", "")
+        dtype = str(c.get("dtype") or c.get("torch_dtype") or "float32").replace("torch.", "")
+        return cls(
+            name=name or c.get("_name_or_path", model_type), vocab_size=c["vocab_size"],
+            hidden_size=hidden, num_layers=c.get("num_hidden_layers") or c["n_layer"],
+            num_heads=heads, num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or hidden // heads,
+            intermediate_size=c.get("intermediate_size") or c.get("n_inner") or 4 * hidden,
+            tie_word_embeddings=c.get("tie_word_embeddings", True),
+            gated_mlp=model_type not in ("bert", "roberta", "distilbert", "gpt2", "xlm-roberta"),
+            checkpoint_dtype=dtype if dtype in DTYPE_BYTES else "float32")
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, in_features, out_features) of the linear layers of one block."""
+        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
+        mlp = [("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)] if self.gated_mlp \
+            else [("up_proj", h, i), ("down_proj", i, h)]
+        return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h), *mlp]
+
+    @property
+    def linear_params(self) -> int:
+        return self.num_layers * sum(i * o for _, i, o in self.linears())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def norm_params(self) -> int:
+        return (2 * self.num_layers + 1) * self.hidden_size
+
+    def head_params(self, task: str, num_labels: int = 2) -> int:
+        if task == "seq-cls":
+            return num_labels * self.hidden_size
+        return 0 if self.tie_word_embeddings else self.embedding_params
+
+    def total_params(self, task: str = "causal-lm", num_labels: int = 2) -> int:
+        return self.linear_params + self.embedding_params + self.norm_params + self.head_params(task, num_labels)
+
+
+# Shapes of well-known models (their hub config.json), to estimate them offline.
+REFERENCE_CONFIGS: dict[str, dict] = {
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         tie_word_embeddings=True, dtype="bfloat16"),
+    "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                       tie_word_embeddings=False, dtype="float16"),
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         tie_word_embeddings=False, dtype="bfloat16"),
+}
+
+
+def model_shape(config_or_name: Any) -> ModelShape:
+    """A ModelShape from a ModelShape, a transformers config or dict, a REFERENCE_CONFIGS name, a
+    registry name, a local folder or a hub id (only config.json is read).
+    Usage: model_shape("smollm2-135m-instruct"); model_shape("llama-3.1-8b")"""
+    if isinstance(config_or_name, ModelShape):
+        return config_or_name
+    if isinstance(config_or_name, str) and config_or_name in REFERENCE_CONFIGS:
+        return ModelShape.from_config(REFERENCE_CONFIGS[config_or_name], config_or_name)
+    if isinstance(config_or_name, (str, bytes)) or hasattr(config_or_name, "__fspath__"):
+        from transformers import AutoConfig
+
+        from ftnb.models import resolve
+
+        name = str(config_or_name)
+        return ModelShape.from_config(AutoConfig.from_pretrained(resolve(name)), name)
+    return ModelShape.from_config(config_or_name)
+
+
+# ---------------------------------------------------------------- arithmetic on one layer
+def nf4_bytes(n_weights: int, double_quant: bool = True) -> tuple[int, int]:
+    """(packed bytes, quantisation-constant bytes) of one 4-bit (NF4 or FP4) weight matrix.
+
+    Packed: two weights per byte. Constants: one absmax per block of 64 weights, fp32 (4 bytes),
+    or with double quantisation uint8 plus one fp32 scale per 256 blocks, an fp32 offset and the
+    256-entry fp32 code of the second level; the 16-entry fp32 NF4/FP4 code table either way.
+    """
+    blocks = math.ceil(n_weights / BLOCK_4BIT)
+    constants = 16 * 4
+    if double_quant:
+        constants += blocks + math.ceil(blocks / BLOCK_NESTED) * 4 + 4 + 256 * 4
+    else:
+        constants += blocks * 4
+    return math.ceil(n_weights / 2), constants
+
+
+def lora_params(shape: ModelShape, r: int, targets: str | list[str] = "all-linear") -> int:
+    """Trainable LoRA parameters: r x (in + out) for each targeted linear of each layer.
+    Usage: lora_params(model_shape("smollm2-135m-instruct"), 8)  # 2,442,240"""
+    return shape.num_layers * sum(r * (i + o) for _, i, o in _targeted(shape, targets))
+
+
+def _targeted(shape: ModelShape, targets: str | list[str]) -> list[tuple[str, int, int]]:
+    if targets == "all-linear":
+        return shape.linears()
+    names = {_ALIASES.get(t, t) for t in ([targets] if isinstance(targets, str) else targets)}
+    known = {n for n, _, _ in shape.linears()}
+    if not names <= known:
+        raise ValueError(f"unknown LoRA targets {sorted(names - known)}; this model has {sorted(known)} "
+                         f"(or use 'all-linear')")
+    return [lin for lin in shape.linears() if lin[0] in names]
+
+
+def logits_bytes(batch_size: int, seq_len: int, vocab_size: int, compute_bytes: int = 4) -> int:
+    """Peak of the causal-LM loss when the caller keeps only the loss (as the Trainer does): the
+    log-softmax the cross-entropy saves, then in backward its gradient and the logits' gradient,
+    all fp32: 12 bytes per token x vocabulary entry, +2 for the half-precision gradient copy.
+    Usage: logits_bytes(4, 128, 49152)  # 4 x 128 x 49152 x 12 bytes = 288 MiB"""
+    per_entry = 12 + (2 if compute_bytes < 4 else 0)
+    return batch_size * seq_len * vocab_size * per_entry
+
+
+def layer_activation_bytes(shape: ModelShape, tokens: int, batch_size: int, seq_len: int, *,
+                           compute_bytes: int, fp32_norm_weights: bool, targets: list[str],
+                           lora_r: int, lora_dropout: float, attn_implementation: str,
+                           padded: bool, quantization: str) -> int:
+    """Bytes one decoder block saves for backward when its base weights are frozen.
+
+    Frozen base linears save nothing for their own weight gradient; what is saved is the input
+    of each LoRA adapter (shared by adapters reading the same tensor, unless peft has to make its
+    own copy: an fp32 cast of a half-precision input, or a dropout output with its 1-byte mask),
+    the RMSNorm inputs (upcast to fp32), q/k/v after RoPE, the attention output, and the MLP's
+    gate, activation, up and product tensors.
+    """
+    h, i = shape.hidden_size, shape.intermediate_size
+    q = shape.num_heads * shape.head_dim
+    kv = q if (padded or attn_implementation == "eager") else shape.num_kv_heads * shape.head_dim
+    cd = compute_bytes
+    x_bytes = 4 if fp32_norm_weights else cd  # norm output dtype follows the norm weight
+    saved = 2 * h * 4  # two RMSNorm inputs, in fp32
+    saved += (q + 2 * kv) * cd + q * cd  # q, k, v after RoPE; attention output (kept by SDPA)
+    saved += (4 if shape.gated_mlp else 2) * i * cd  # gate, act(gate), up, act*up
+    inputs = {"q_proj": (h, x_bytes), "k_proj": (h, x_bytes), "v_proj": (h, x_bytes),
+              "o_proj": (q, cd), "gate_proj": (h, x_bytes), "up_proj": (h, x_bytes), "down_proj": (i, cd)}
+    shared = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+              "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}
+    kept_shared: dict[str, int] = {}
+    for name in targets:
+        width, nbytes = inputs[name]
+        saved += lora_r * 4  # A's output, saved by B
+        if lora_dropout > 0:
+            saved += width * (cd + 1)  # dropout output (in the compute dtype) + bool mask, per adapter
+        elif nbytes != cd:
+            saved += width * cd  # autocast makes each adapter its own copy of an fp32 input
+        else:
+            kept_shared[shared[name]] = width * nbytes
+    if quantization == "int8":  # bnb's int8 matmul saves its input (CPU) or an int8 copy (CUDA)
+        for name, width, _ in shape.linears():
+            kept_shared.setdefault(shared[name], width * inputs[name][1])
+    saved += sum(v for k, v in kept_shared.items() if k in ("attn_in", "mlp_in", "mlp_mid"))
+    # the attention output is already counted; "attn_out" adds nothing
+    per_token = saved * tokens
+    if attn_implementation == "eager":  # softmax probabilities, fp32, plus a copy in the compute dtype
+        per_token += batch_size * shape.num_heads * seq_len * seq_len * (4 + (cd if cd < 4 else 0))
+    return per_token
+
+
+# ---------------------------------------------------------------- the estimate
+@dataclass
+class Fit:
+    """The answer of `fits`: does it fit, with how much room, and what to change if not."""
+
+    device: str
+    fits: bool
+    needed_bytes: int
+    available_bytes: float
+    suggestions: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        verdict = "fits" if self.fits else "does NOT fit"
+        text = (f"{self.device}: {verdict} ({self.needed_bytes / GIB:.2f} GiB needed of "
+                f"{self.available_bytes / GIB:.1f} GiB)")
+        return text + "".join(f"\n  - {s}" for s in self.suggestions)
+
+    __repr__ = __str__
+
+
+@dataclass
+class MemoryEstimate:
+    """A predicted peak, as rows (component, bytes, note). `total_bytes` is the peak the process
+    needs; `allocated_bytes` leaves out the fixed overheads torch's allocator does not see."""
+
+    rows: list[dict]
+    settings: dict
+    kind: str  # "training" or "inference"
+
+    @property
+    def total_bytes(self) -> int:
+        return int(sum(r["bytes"] for r in self.rows))
+
+    @property
+    def allocated_bytes(self) -> int:
+        return int(sum(r["bytes"] for r in self.rows if r["group"] != "fixed"))
+
+    def bytes_by_group(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r["group"]] = out.get(r["group"], 0) + r["bytes"]
+        return out
+
+    def to_frame(self):
+        import pandas as pd
+
+        frame = pd.DataFrame(self.rows)
+        frame.insert(2, "MiB", (frame.pop("bytes") / MIB).round(1))
+        return frame
+
+    def _summary(self) -> str:
+        s = self.settings
+        return (f"{self.kind} {s['model']} ({s['quantization']}, batch {s['batch_size']} x seq "
+                f"{s['seq_len']}, {s['device']}): peak {self.total_bytes / GIB:.2f} GiB")
+
+    def __str__(self) -> str:
+        return self.to_frame().to_string(index=False) + "\n" + self._summary()
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        return self.to_frame().to_html(index=False) + f"<p><b>{self._summary()}</b></p>"
+
+    def fits(self, device: str | float = "current") -> Fit:
+        """Whether this fits `device`: a name from GPUS, "current", or a number of bytes.
+        When it does not, lists the first changes to make, each re-estimated."""
+        name, available = _device_memory(device)
+        fit = Fit(name, self.total_bytes <= available, self.total_bytes, available)
+        if not fit.fits:
+            fit.suggestions = self.suggestions(available)
+        return fit
+
+    def suggestions(self, available: float) -> list[str]:
+        """The usual first moves, in order, each with its new estimate; cumulative."""
+        if self.kind != "training":
+            return ["use a 4-bit model (quantization='nf4')", "shorten the sequence or the batch"]
+        settings = {k: v for k, v in self.settings.items() if k != "model"}
+        out: list[str] = []
+        moves = [("gradient_checkpointing", True, "turn on gradient checkpointing"),
+                 ("micro_batch", None, "halve the micro-batch and double gradient accumulation"),
+                 ("optimizer", "paged_adamw_8bit" if settings["device"] == "cuda" else "adamw_8bit",
+                  "use an 8-bit optimizer"),
+                 ("seq_len", None, "halve the sequence length (truncate or pack shorter examples)"),
+                 ("quantization", "nf4", "load the base model in 4-bit NF4")]
+        for key, value, text in moves:
+            if key == "micro_batch":
+                while settings["batch_size"] > 1:
+                    settings["batch_size"] //= 2
+                    settings["grad_accumulation"] = settings.get("grad_accumulation", 1) * 2
+                    new = estimate_training_memory(**settings)
+                    out.append(f"{text}: batch {settings['batch_size']} x accumulation "
+                               f"{settings['grad_accumulation']} -> {new.total_bytes / GIB:.2f} GiB")
+                    if new.total_bytes <= available:
+                        return out
+                continue
+            if key == "seq_len":
+                value = max(settings["seq_len"] // 2, 1)
+            if settings[key] == value:
+                continue
+            settings[key] = value
+            new = estimate_training_memory(**settings)
+            out.append(f"{text} -> {new.total_bytes / GIB:.2f} GiB")
+            if new.total_bytes <= available:
+                return out
+        out.append("still too large: pick a smaller model or a larger GPU")
+        return out
+
+
+def _device_memory(device: str | float) -> tuple[str, float]:
+    if isinstance(device, (int, float)):
+        return f"{device / GIB:.1f} GiB device", float(device)
+    if device == "current":
+        import psutil
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(), float(torch.cuda.get_device_properties(0).total_memory)
+        return "this machine's RAM (available)", float(psutil.virtual_memory().available)
+    if device not in GPUS:
+        raise ValueError(f"unknown device {device!r}; use one of {list(GPUS)}, 'current' or a number of bytes")
+    return device, GPUS[device]
+
+
+def fits(estimate: MemoryEstimate, device: str | float = "current") -> Fit:
+    """Usage: fits(estimate_training_memory(...), "T4 16 GB")"""
+    return estimate.fits(device)
+
+
+def _default_device() -> str:
+    from ftnb.env import device_type
+
+    return "cuda" if device_type() == "cuda" else "cpu"
+
+
+def _weight_rows(shape: ModelShape, quantization: str, double_quant: bool, load_bytes: int,
+                 float_bytes: int, task: str, num_labels: int, device: str, load_dtype: str) -> list[dict]:
+    """Weights by storage: quantised linears, their constants, and what stays floating point."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
+    rows = []
+    n_linear = shape.linear_params
+    if quantization in ("nf4", "fp4"):
+        packed = constants = 0
+        for _, i, o in shape.linears():
+            p, c = nf4_bytes(i * o, double_quant)
+            packed, constants = packed + p * shape.num_layers, constants + c * shape.num_layers
+        rows += [_row("weights", f"{quantization} linear weights (packed, 0.5 byte each)", packed),
+                 _row("weights", "4-bit quantization constants" + (" (double-quantised)" if double_quant else ""), constants)]
+    elif quantization == "int8":
+        scales = shape.num_layers * sum(o * 4 for _, _, o in shape.linears())
+        rows += [_row("weights", "int8 linear weights", n_linear), _row("weights", "int8 row scales (fp32)", scales)]
+    else:
+        rows.append(_row("weights", f"linear weights ({load_dtype})", n_linear * load_bytes))
+    n_float = shape.embedding_params + shape.norm_params + shape.head_params(task, num_labels)
+    rows.append(_row("weights", f"embeddings, norms, head ({'fp32' if float_bytes == 4 else load_dtype})",
+                     n_float * float_bytes))
+    ckpt_bytes = _dtype_bytes(shape.checkpoint_dtype)
+    if device == "cpu" and quantization != "none" and ckpt_bytes == load_bytes:
+        # The unquantised tensors are zero-copy views of the mmapped safetensors file, so the
+        # mapping stays open and the pages read while quantising stay resident (reclaimable).
+        rows.append(_row("fixed", "checkpoint pages read to quantize (mmap, reclaimable)", n_linear * ckpt_bytes))
+    return rows
+
+
+def _row(group: str, component: str, nbytes: float) -> dict:
+    return {"group": group, "component": component, "bytes": int(nbytes)}
+
+
+def _fixed_rows(device: str, process_baseline_bytes: int | None) -> list[dict]:
+    if device == "cuda":
+        return [_row("fixed", "CUDA context and kernels (outside torch's allocator)", CUDA_CONTEXT)]
+    baseline = CPU_PROCESS_BASELINE if process_baseline_bytes is None else process_baseline_bytes
+    return [_row("fixed", "Python process with torch/transformers imported (RSS)", baseline)]
+
+
+def _overhead_row(device: str, rows: list[dict], created_bytes: int) -> dict:
+    """Allocator overhead: CUDA caching-allocator fragmentation, or glibc heap kept on CPU."""
+    if device == "cuda":
+        allocated = sum(r["bytes"] for r in rows if r["group"] != "fixed")
+        return _row("fixed", f"caching allocator fragmentation ({CUDA_FRAGMENTATION:.0%})", allocated * CUDA_FRAGMENTATION)
+    return _row("fixed", f"glibc heap kept ({CPU_HEAP_OVERHEAD:.0%} of the activations the forward pass creates)",
+                created_bytes * CPU_HEAP_OVERHEAD)
+
+
+def estimate_training_memory(
+    config_or_name: Any, quantization: str = "nf4", double_quant: bool = True, lora_r: int = 8,
+    lora_targets: str | list[str] = "all-linear", batch_size: int = 4, seq_len: int = 256,
+    gradient_checkpointing: bool = True, optimizer: str = "adamw", compute_dtype: Any = None,
+    attn_implementation: str = "sdpa", task: str = "causal-lm", *, lora_dropout: float = 0.05,
+    num_labels: int = 2, padded: bool = True, kbit_prepare: bool | None = None,
+    grad_accumulation: int = 1, device: str | None = None, process_baseline_bytes: int | None = None,
+) -> MemoryEstimate:
+    """Predicted peak memory of one LoRA/QLoRA training step, with its breakdown. On CUDA the
+    step is assumed to run under autocast in `compute_dtype`, as the Trainer does with bf16/fp16.
+
+    Usage: estimate_training_memory("smollm2-135m-instruct", "nf4", batch_size=8, seq_len=512)
+    `compute_dtype`: dtype of the frozen weights/activations (default: fp32 on CPU, bf16 on CUDA).
+    `padded`: batches carry an attention mask (SDPA then expands grouped k/v heads).
+    `kbit_prepare`: peft's prepare_model_for_kbit_training was called (default: when quantized).
+    `grad_accumulation` does not change the peak; it is kept so suggestions can report it.
+    `device`: "cpu" or "cuda" (default: this machine); decides the fixed overheads.
+    """
+    shape = model_shape(config_or_name)
+    device = device or _default_device()
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {optimizer!r}")
+    if attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+        raise ValueError(f"attn_implementation must be 'sdpa', 'eager' or 'flash_attention_2', not {attn_implementation!r}")
+    if task not in ("causal-lm", "seq-cls"):
+        raise ValueError(f"task must be 'causal-lm' or 'seq-cls', not {task!r}")
+    compute_dtype = compute_dtype or ("float32" if device == "cpu" else "bfloat16")
+    cd = _dtype_bytes(compute_dtype)
+    kbit_prepare = quantization != "none" if kbit_prepare is None else kbit_prepare
+    float_bytes = 4 if kbit_prepare else cd
+    settings = dict(config_or_name=shape, model=shape.name, quantization=quantization, double_quant=double_quant,
+                    lora_r=lora_r, lora_targets=lora_targets, batch_size=batch_size, seq_len=seq_len,
+                    gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
+                    compute_dtype=str(compute_dtype).replace("torch.", ""), attn_implementation=attn_implementation,
+                    task=task, lora_dropout=lora_dropout, num_labels=num_labels, padded=padded,
+                    kbit_prepare=kbit_prepare, grad_accumulation=grad_accumulation, device=device,
+                    process_baseline_bytes=process_baseline_bytes)
+
+    rows = _fixed_rows(device, process_baseline_bytes)
+    rows += _weight_rows(shape, quantization, double_quant, cd, float_bytes, task, num_labels, device,
+                         settings["compute_dtype"])
+    n_lora = lora_params(shape, lora_r, lora_targets) + (shape.head_params(task, num_labels) if task == "seq-cls" else 0)
+    state_bytes = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 0, "sgd": 0}[optimizer]
+    rows += [_row("trainable", f"LoRA parameters r={lora_r} ({n_lora:,}, fp32)", n_lora * 4),
+             _row("trainable", "their gradients (fp32)", n_lora * 4),
+             _row("trainable", f"optimizer state ({optimizer})", n_lora * state_bytes)]
+
+    tokens = batch_size * seq_len
+    targets = [n for n, _, _ in _targeted(shape, lora_targets)]
+    one_layer = layer_activation_bytes(
+        shape, tokens, batch_size, seq_len, compute_bytes=cd, fp32_norm_weights=float_bytes == 4,
+        targets=targets, lora_r=lora_r, lora_dropout=lora_dropout, attn_implementation=attn_implementation,
+        padded=padded, quantization=quantization)
+    # the residual stream is fp32 when the embeddings were upcast (kbit preparation)
+    hidden_state = tokens * shape.hidden_size * (4 if float_bytes == 4 else cd)
+    if gradient_checkpointing:
+        saved = shape.num_layers * hidden_state
+        rows.append(_row("activations", "checkpointed hidden states (one per layer)", saved))
+        rows.append(_row("activations", "one layer recomputed in backward", one_layer))
+    else:
+        rows.append(_row("activations", f"saved for backward ({shape.num_layers} layers)", shape.num_layers * one_layer))
+    # gradient flowing back through a block: a few hidden-sized and one intermediate-sized buffer
+    rows.append(_row("activations", "backward gradient buffers", tokens * (3 * shape.hidden_size + shape.intermediate_size) * 4))
+    if task == "causal-lm":
+        rows.append(_row("loss", f"logits + log-softmax + grads ({tokens:,} tokens x {shape.vocab_size:,} vocab)",
+                         logits_bytes(batch_size, seq_len, shape.vocab_size, cd)))
+    if task == "causal-lm" and float_bytes == 4 and cd < 4:
+        # autocast casts the fp32 output head to half precision for its matmul, and autograd keeps
+        # that copy for the backward pass (the head is frozen, but its input needs a gradient)
+        rows.append(_row("activations", "half-precision copy of the fp32 output head (autocast)",
+                         shape.embedding_params * cd))
+    if quantization != "none":
+        biggest = max(i * o for _, i, o in shape.linears())
+        rows.append(_row("activations", "dequantised weight of the largest layer (transient)", biggest * cd))
+    rows.append(_overhead_row(device, rows, shape.num_layers * one_layer))
+    return MemoryEstimate(rows, settings, "training")
+
+
+def estimate_inference_memory(
+    config_or_name: Any, quantization: str = "none", double_quant: bool = True, batch_size: int = 1,
+    seq_len: int = 512, compute_dtype: Any = None, task: str = "causal-lm", *, num_labels: int = 2,
+    device: str | None = None, process_baseline_bytes: int | None = None,
+) -> MemoryEstimate:
+    """Predicted peak of generation/scoring: weights, the KV cache (2 x layers x kv heads x head dim
+    per token), one layer's working activations and the last position's logits.
+
+    Usage: estimate_inference_memory("smollm2-135m-instruct", "nf4", batch_size=8, seq_len=1024)
+    """
+    shape = model_shape(config_or_name)
+    device = device or _default_device()
+    compute_dtype = compute_dtype or ("float32" if device == "cpu" else "bfloat16")
+    cd = _dtype_bytes(compute_dtype)
+    settings = dict(model=shape.name, quantization=quantization, batch_size=batch_size, seq_len=seq_len,
+                    device=device, compute_dtype=str(compute_dtype).replace("torch.", ""))
+    rows = _fixed_rows(device, process_baseline_bytes)
+    rows += _weight_rows(shape, quantization, double_quant, cd, cd, task, num_labels, device, settings["compute_dtype"])
+    tokens = batch_size * seq_len
+    kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * cd * tokens
+    work = tokens * (2 * shape.hidden_size + 2 * shape.intermediate_size) * cd
+    rows += [_row("activations", "KV cache", kv), _row("activations", "one layer's working tensors (prefill)", work)]
+    if task == "causal-lm":
+        rows.append(_row("loss", "logits of the last position (fp32)", batch_size * shape.vocab_size * 4))
+    rows.append(_overhead_row(device, rows, work))
+    return MemoryEstimate(rows, settings, "inference")
+
+
+def with_settings(estimate: MemoryEstimate, **changes) -> MemoryEstimate:
+    """Re-estimate with some settings changed. Usage: with_settings(est, batch_size=1)"""
+    if estimate.kind != "training":
+        raise ValueError("with_settings re-runs training estimates only")
+    settings = {k: v for k, v in estimate.settings.items() if k != "model"}
+    return estimate_training_memory(**{**settings, **changes})
+
+
+# ---------------------------------------------------------------- measuring, to check the estimate
+def measure_training_peak(model: str = "smollm2-135m-instruct", *, quantization: str = "nf4",
+                          double_quant: bool = True, lora_r: int = 8, batch_size: int = 4, seq_len: int = 128,
+                          gradient_checkpointing: bool = True, optimizer: str = "adamw",
+                          compute_dtype: str | None = None, lora_dropout: float = 0.05, steps: int = 2,
+                          fresh_process: bool = True) -> dict:
+    """Run `steps` real LoRA/QLoRA training steps and return measured peak memory and step time
+    next to `estimate_training_memory`'s prediction for the same settings.
+
+    Usage: measure_training_peak(quantization="nf4", batch_size=2, seq_len=64)
+    With `fresh_process` (default) the steps run in a new Python process: on CPU the resident-set
+    high-water mark cannot be lowered below what glibc kept from earlier work, so measuring a
+    second configuration in the same process would report the larger of the two. Measured: on
+    CPU the process's peak RSS (compared with the estimate's total), on CUDA the allocator's peak
+    (compared with the estimate's allocated bytes; the CUDA context is not in it).
+    """
+    settings = dict(model=model, quantization=quantization, double_quant=double_quant, lora_r=lora_r,
+                    batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
+                    optimizer=optimizer, compute_dtype=compute_dtype, lora_dropout=lora_dropout, steps=steps)
+    if fresh_process:
+        import json
+        import os
+        import subprocess
+        import sys
+
+        code = "import json, sys; from ftnb.estimate import _measure_here; print(json.dumps(_measure_here(**json.loads(sys.argv[1]))))"
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(settings)], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"measuring {settings} failed:\n{proc.stderr[-3000:]}")
+        measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    else:
+        measured = _measure_here(**settings)
+    est = estimate_training_memory(
+        model, quantization, double_quant, lora_r, "all-linear", batch_size, seq_len, gradient_checkpointing,
+        optimizer, measured["compute_dtype"], "sdpa", lora_dropout=lora_dropout, padded=False,
+        device=measured["device"])
+    predicted = est.total_bytes if measured["device"] == "cpu" else est.allocated_bytes
+    return {**settings, **measured, "predicted_peak_mib": predicted / MIB,
+            "predicted_by_group_mib": {k: round(v / MIB, 1) for k, v in est.bytes_by_group().items()},
+            "relative_error": (predicted / MIB - measured["measured_peak_mib"]) / measured["measured_peak_mib"]}
+
+
+def _measure_here(model: str, quantization: str, double_quant: bool, lora_r: int, batch_size: int, seq_len: int,
+                  gradient_checkpointing: bool, optimizer: str, compute_dtype: str | None, lora_dropout: float,
+                  steps: int) -> dict:
+    """The measurement itself, in this process: load, prepare, LoRA, `steps` steps on random tokens
+    (no padding) inside a probe. The first step is included: it creates the optimizer state."""
+    import time
+
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from ftnb.env import pick_dtype, use_all_cores
+    from ftnb.memory import probe
+    from ftnb.models import load_model
+
+    use_all_cores()
+    torch.manual_seed(0)
+    dtype = getattr(torch, compute_dtype) if compute_dtype else pick_dtype()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = load_model(model, quantization=quantization, double_quant=double_quant, dtype=dtype)
+    checkpointing = {"use_reentrant": False}  # what the Trainer ends up with (transformers' default)
+    if quantization != "none":
+        net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=gradient_checkpointing,
+                                              gradient_checkpointing_kwargs=checkpointing)
+    elif gradient_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    net.config.use_cache = False
+    net = get_peft_model(net, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout,
+                                         target_modules="all-linear", task_type="CAUSAL_LM"))
+    params = [p for p in net.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=1e-3)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=1e-4)
+    else:
+        import bitsandbytes as bnb
+
+        opt = (bnb.optim.PagedAdamW8bit if optimizer.startswith("paged") else bnb.optim.AdamW8bit)(params, lr=1e-4)
+    batch = torch.randint(0, net.config.vocab_size, (batch_size, seq_len), device=net.device)
+    net.train()
+    times = []
+    with probe("training steps") as rec:
+        for _ in range(steps):
+            start = time.perf_counter()
+            with torch.autocast(device, dtype=dtype, enabled=device == "cuda" and dtype != torch.float32):
+                loss = net(input_ids=batch, labels=batch).loss  # logits dropped at once, as in the Trainer
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del loss
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    peak = rec.rss_peak_mib if device == "cpu" else rec.accel_peak_allocated_mib
+    return {"device": device, "compute_dtype": str(dtype).replace("torch.", ""), "measured_peak_mib": peak,
+            "step_seconds": times, "rss_peak_mib": rec.rss_peak_mib}

@@ -1,0 +1,564 @@
+"""Supervised fine-tuning of a chat model on instruction/input/output rows, with the traps guarded.
+
+Usage:
+    from ftnb import sft
+    train, dropped = sft.build_sft_dataset(rows, tok, max_length=352)   # prompt/completion chat examples
+    sft.check_training_examples(trainer.train_dataset, tok)             # labels, end-of-turn, masking
+    sft.check_same_template(tok, rows[0])                               # inference prompt == training prefix
+    sft.format_adherence(text, "legal").ok                              # house format checker
+    sft.perplexity(model, tok, rows)                                    # {'loss': ..., 'perplexity': ...}
+    gen = sft.load_generator("outputs/02_domain_generation/adapter")    # adapter or merged folder
+    gen.generate("Explain this contract clause in plain English.", "Tenant shall ...")
+
+One function builds the chat messages (`prompt_messages`), and training, evaluation and the
+saved generator all call it: the same system prompt and template at training and inference.
+SmolLM2's template injects its own default system message when none is given, so we always
+pass ours explicitly and store it next to the weights (`ftnb_sft.json`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Thread
+from typing import Iterable, Iterator
+
+import torch
+from datasets import Dataset
+
+SYSTEM_PROMPT = "You are a careful assistant. Answer in the requested house format."
+GENERATOR_CONFIG = "ftnb_sft.json"
+IGNORE = -100
+
+# The binding house formats: labels in order, each at the start of its own line.
+HOUSE_LABELS: dict[str, tuple[str, ...]] = {
+    "legal": ("Plain English:", "Your obligations:", "Watch out for:"),
+    "medical": ("Summary:", "What the terms mean:", "Questions to ask your doctor:"),
+    "technical": ("Likely cause:", "Fix:", "How to verify:"),
+}
+_BULLET = re.compile(r"^- \S")
+_TERM_BULLET = re.compile(r"^- \S.*?: \S")  # a term may hold colons itself (LH:FSH, 4:10)
+
+
+class SFTTrapError(ValueError):
+    """A training set-up that would silently teach the wrong thing (nothing to learn, no stop token,
+    a prompt at inference that differs from training, responses cut off by max_length)."""
+
+
+# ---------------------------------------------------------------- formatting
+def prompt_messages(instruction: str, input: str, system: str = SYSTEM_PROMPT) -> list[dict]:
+    """The chat messages of one request: our system prompt, then instruction and input as the user turn."""
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": f"{instruction}\n\n{input}"}]
+
+
+def to_prompt_completion(row: dict, system: str = SYSTEM_PROMPT) -> dict:
+    """TRL's conversational prompt/completion example for a row with instruction/input/output."""
+    return {"prompt": prompt_messages(row["instruction"], row["input"], system),
+            "completion": [{"role": "assistant", "content": row["output"]}]}
+
+
+def _rows(rows) -> list[dict]:
+    """A list of row dicts from a list or a datasets.Dataset."""
+    return rows if isinstance(rows, list) else list(rows)
+
+
+def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                         return_dict=True)["input_ids"]
+
+
+def example_length(tokenizer, row: dict, system: str = SYSTEM_PROMPT) -> int:
+    """Tokens of the full training sequence (template, prompt, response, end-of-turn)."""
+    ex = to_prompt_completion(row, system)
+    return len(_chat_ids(tokenizer, ex["prompt"] + ex["completion"]))
+
+
+def build_sft_dataset(rows: Iterable[dict], tokenizer, max_length: int, system: str = SYSTEM_PROMPT,
+                      on_too_long: str = "drop") -> tuple[Dataset, list[dict]]:
+    """Prompt/completion chat examples, minus (reported) those longer than `max_length` tokens.
+
+    TRL truncates long sequences silently: the response would lose its end and its end-of-turn
+    token, teaching the model to ramble. We drop them and print which (on_too_long="drop"), or
+    raise (on_too_long="raise"). Returns (dataset, dropped) where dropped lists id and length.
+
+    Usage: train_ds, dropped = build_sft_dataset(ds["train"], tok, max_length=352)
+    """
+    if on_too_long not in ("drop", "raise"):
+        raise ValueError(f"on_too_long must be 'drop' or 'raise', not {on_too_long!r}")
+    kept, dropped = [], []
+    for row in rows:
+        length = example_length(tokenizer, row, system)
+        if length > max_length:
+            dropped.append({"id": row.get("id"), "tokens": length})
+        else:
+            kept.append(to_prompt_completion(row, system))
+    if dropped:
+        listing = ", ".join(f"{d['id']} ({d['tokens']} tokens)" for d in dropped[:10])
+        message = (f"{len(dropped)} example(s) exceed max_length={max_length} and would be truncated "
+                   f"before their end-of-turn token: {listing}{' ...' if len(dropped) > 10 else ''}")
+        if on_too_long == "raise":
+            raise SFTTrapError(message + ". Raise max_length or shorten these examples.")
+        print(f"[build_sft_dataset] dropped {message}")
+    if not kept:
+        raise SFTTrapError(f"no example fits in max_length={max_length}; raise it")
+    return Dataset.from_list(kept), dropped
+
+
+# ---------------------------------------------------------------- guards
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """Token ids that end an assistant turn: EOS, and the template's turn end (e.g. <|im_end|>)."""
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        if token in tokenizer.get_vocab():
+            ids.add(tokenizer.convert_tokens_to_ids(token))
+    return ids - {None}
+
+
+def _segments(example: dict) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each original example; a packed row holds several (seq_lengths)."""
+    ids, labels = example["input_ids"], example["labels"]
+    lengths = example.get("seq_lengths") or [len(ids)]
+    out, start = [], 0
+    for n in lengths:
+        out.append((ids[start:start + n], labels[start:start + n]))
+        start += n
+    return out
+
+
+def check_training_examples(dataset: Dataset, tokenizer, require_prompt_masked: bool = True) -> dict:
+    """Check a tokenized training set (e.g. `trainer.train_dataset`) for the silent SFT traps:
+    an example whose labels are all masked (nothing to learn), a response whose trained tokens do
+    not end with the end-of-turn token (the model never learns to stop), and, with completion-only
+    loss, prompt tokens that are trained. Raises SFTTrapError naming the example; returns counts.
+
+    Usage: check_training_examples(trainer.train_dataset, tok)
+    """
+    stops = end_of_turn_ids(tokenizer)
+    newline = set(tokenizer.encode("\n", add_special_tokens=False))
+    counts = {"examples": 0, "trained_tokens": 0, "masked_tokens": 0}
+    for row_index, example in enumerate(dataset):
+        for ids, labels in _segments(example):
+            where = f"training example {row_index} (starts {tokenizer.decode(ids[:12])!r})"
+            trained = [i for i, lab in enumerate(labels) if lab != IGNORE]
+            if not trained:
+                raise SFTTrapError(f"{where}: every label is -100, nothing to learn (prompt too long "
+                                   f"for max_length, or a masking bug)")
+            last = [labels[i] for i in trained[-2:]]
+            if last[-1] not in stops and not (len(last) == 2 and last[0] in stops and last[1] in newline):
+                raise SFTTrapError(f"{where}: the trained tokens end with {tokenizer.decode(last)!r}, not with an "
+                                   f"end-of-turn token; the model would not learn to stop (truncated response?)")
+            # position 0 of a packed segment is masked by the collator, not here; look past it
+            if require_prompt_masked and labels[1] != IGNORE:
+                raise SFTTrapError(f"{where}: prompt tokens carry labels; completion-only loss is off")
+            counts["examples"] += 1
+            counts["trained_tokens"] += len(trained)
+            counts["masked_tokens"] += len(labels) - len(trained)
+    return counts
+
+
+def check_same_template(tokenizer, rows: list[dict] | Dataset, training_ids: list[int] | None = None,
+                        system: str = SYSTEM_PROMPT) -> dict:
+    """The inference prompt (what the generator feeds the model: system, user turn, assistant
+    header) must be exactly the start of the training sequence. Pass `training_ids` from the
+    trainer's tokenized dataset to check against what is really trained on; the row it came from
+    is found among `rows` and returned. Raises SFTTrapError when no row's prompt matches.
+
+    Usage: check_same_template(tok, train_rows, training_ids=trainer.train_dataset[0]["input_ids"])
+    """
+    rows = _rows(rows)
+    if training_ids is None:
+        ex = to_prompt_completion(rows[0], system)
+        training_ids = _chat_ids(tokenizer, ex["prompt"] + ex["completion"])
+    training_ids = list(training_ids)
+    for row in rows:
+        prompt = _chat_ids(tokenizer, prompt_messages(row["instruction"], row["input"], system),
+                           add_generation_prompt=True)
+        if training_ids[:len(prompt)] == prompt:
+            return row
+    first = _chat_ids(tokenizer, prompt_messages(rows[0]["instruction"], rows[0]["input"], system),
+                      add_generation_prompt=True)
+    raise SFTTrapError(f"no inference prompt matches the start of the training sequence "
+                       f"{tokenizer.decode(training_ids[:40])!r}...; an inference prompt looks like "
+                       f"{tokenizer.decode(first[:40])!r}...: training and inference use different templates")
+
+
+# ---------------------------------------------------------------- house format
+@dataclass
+class FormatResult:
+    """Outcome of the house-format checker: `ok` when every rule holds; `rules` by name."""
+
+    ok: bool
+    rules: dict[str, bool] = field(default_factory=dict)
+
+
+def _sections(lines: list[str], labels: tuple[str, ...]) -> dict[str, list[str]] | None:
+    """Body lines under each label (text after the label on its own line counts as a body line),
+    or None when the labels do not appear at line starts exactly once each, in order."""
+    starts = [[i for i, ln in enumerate(lines) if ln.startswith(label)] for label in labels]
+    if any(len(s) != 1 for s in starts) or [s[0] for s in starts] != sorted(s[0] for s in starts):
+        return None
+    idx = [s[0] for s in starts] + [len(lines)]
+    out = {}
+    for k, label in enumerate(labels):
+        head = lines[idx[k]][len(label):].strip()
+        out[label] = ([head] if head else []) + [ln for ln in lines[idx[k] + 1:idx[k + 1]] if ln.strip()]
+    return out
+
+
+def _sentences(text: str) -> int:
+    return len([s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text.strip()) if s])
+
+
+def _bullets(body: list[str], pattern: re.Pattern, low: int, high: int = 99) -> bool:
+    return low <= len(body) <= high and all(pattern.match(ln) for ln in body)
+
+
+def _numbered(body: list[str], low: int, high: int) -> bool:
+    return low <= len(body) <= high and all(ln.startswith(f"{n}. ") and len(ln) > 3 for n, ln in enumerate(body, 1))
+
+
+def format_adherence(text: str, domain: str) -> FormatResult:
+    """Check one response against its domain's house format (see HOUSE_LABELS). Rules:
+    starts_with_first_label, labels_in_order (each exactly once at a line start), then per section.
+
+    Usage: format_adherence(generated, "medical").rules  -> {'labels_in_order': True, ...}
+    """
+    if domain not in HOUSE_LABELS:
+        raise ValueError(f"unknown domain {domain!r}; known: {', '.join(HOUSE_LABELS)}")
+    labels = HOUSE_LABELS[domain]
+    lines = [ln.rstrip() for ln in text.strip().splitlines()]
+    sections = _sections(lines, labels)
+    rules = {"starts_with_first_label": bool(lines) and lines[0].startswith(labels[0]),
+             "labels_in_order": sections is not None}
+    s = sections or {label: [] for label in labels}
+    first, second, third = (s[label] for label in labels)
+    if domain == "legal":
+        rules["plain_english_1_3_sentences"] = len(first) == 1 and 1 <= _sentences(first[0]) <= 3
+        rules["obligations_bullets"] = _bullets(second, _BULLET, 1)
+        rules["watch_out_bullets"] = _bullets(third, _BULLET, 1)
+    elif domain == "medical":
+        rules["summary_1_2_sentences"] = len(first) == 1 and 1 <= _sentences(first[0]) <= 2
+        rules["term_bullets_at_least_2"] = _bullets(second, _TERM_BULLET, 2)
+        rules["question_bullets_1_3"] = _bullets(third, _BULLET, 1, 3)
+    else:
+        rules["cause_1_2_sentences"] = len(first) == 1 and 1 <= _sentences(first[0]) <= 2
+        rules["fix_numbered_1_4"] = _numbered(second, 1, 4)
+        rules["verify_one_line"] = len(third) == 1
+    return FormatResult(all(rules.values()), rules)
+
+
+def adherence_report(texts: list[str], domains: list[str]):
+    """Pass rate (0-1) of every rule, and of the whole format (`all`), per domain: a DataFrame.
+
+    Usage: adherence_report(generations, test_rows["domain"])
+    """
+    import pandas as pd
+
+    records = []
+    for text, domain in zip(texts, domains, strict=True):
+        result = format_adherence(text, domain)
+        records.append({"domain": domain, "all": result.ok, **result.rules})
+    return pd.DataFrame(records).groupby("domain").mean()
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F1 (rouge_score, with stemming) of predictions against references."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
+    return float(sum(scores) / max(len(scores), 1))
+
+
+# ---------------------------------------------------------------- held-out loss
+@torch.no_grad()
+def response_nll(model, tokenizer, rows: list[dict] | Dataset, max_length: int = 384, batch_size: int = 8,
+                 system: str = SYSTEM_PROMPT) -> list[dict]:
+    """Per row: summed negative log-likelihood of the reference response given its prompt
+    (completion tokens only, end-of-turn included), token count, and whether max_length cut it.
+    Rows are batched longest-first so padding stays small."""
+    model.eval()
+    examples = []
+    for row in _rows(rows):
+        ex = to_prompt_completion(row, system)
+        prompt = _chat_ids(tokenizer, ex["prompt"], add_generation_prompt=True)
+        full = _chat_ids(tokenizer, ex["prompt"] + ex["completion"])
+        examples.append((full[:max_length], [IGNORE] * len(prompt) + full[len(prompt):max_length], len(full) > max_length))
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    results: list[dict] = [{} for _ in examples]
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = len(examples[batch[0]][0])
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), IGNORE)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for k, i in enumerate(batch):
+            seq, lab, _ = examples[i]
+            ids[k, :len(seq)], labels[k, :len(lab)], mask[k, :len(seq)] = torch.tensor(seq), torch.tensor(lab), 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        target = labels[:, 1:].to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target,
+                                                ignore_index=IGNORE, reduction="none").sum(1)
+        for k, i in enumerate(batch):
+            results[i] = {"nll": float(nll[k]), "tokens": int((target[k] != IGNORE).sum()),
+                          "truncated": examples[i][2]}
+    return results
+
+
+def _aggregate(per_row: list[dict]) -> dict:
+    tokens = sum(r["tokens"] for r in per_row)
+    loss = sum(r["nll"] for r in per_row) / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens,
+            "truncated": sum(r["truncated"] for r in per_row)}
+
+
+def perplexity(model, tokenizer, rows: list[dict] | Dataset, max_length: int = 384, batch_size: int = 8,
+               system: str = SYSTEM_PROMPT) -> dict:
+    """Mean token negative log-likelihood of the reference responses (response tokens only; the
+    prompt is given, not predicted) and its exp: {'loss', 'perplexity', 'tokens', 'truncated'}.
+    Sequences over max_length are cut, and counted in 'truncated'.
+
+    Usage: perplexity(model, tok, ds["test"])["perplexity"]
+    """
+    return _aggregate(response_nll(model, tokenizer, rows, max_length, batch_size, system))
+
+
+# ---------------------------------------------------------------- generation
+@torch.no_grad()
+def generate_batch(model, tokenizer, rows: list[dict] | Dataset, max_new_tokens: int = 160,
+                   batch_size: int = 8, system: str = SYSTEM_PROMPT, **generation_kwargs) -> list[str]:
+    """Greedy (by default) responses to rows with instruction/input, batched with left padding
+    (a decoder continues from the last position, so the prompt must end there in every row).
+
+    Usage: generate_batch(model, tok, ds["test"].select(range(5)), max_new_tokens=120)
+    """
+    model.eval()
+    generation_kwargs.setdefault("do_sample", False)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    outputs = []
+    try:
+        rows = _rows(rows)
+        for start in range(0, len(rows), batch_size):
+            prompts = [tokenizer.apply_chat_template(prompt_messages(r["instruction"], r["input"], system),
+                                                     tokenize=False, add_generation_prompt=True)
+                       for r in rows[start:start + batch_size]]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=sorted(end_of_turn_ids(tokenizer)), **generation_kwargs)
+            outputs += [t.strip() for t in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                                                  skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+class Generator:
+    """A fine-tuned model plus its tokenizer and system prompt: the training template, at inference.
+
+    Usage: gen = Generator(model, tok); gen.generate(instruction, input); for chunk in gen.stream(...): ...
+    """
+
+    def __init__(self, model, tokenizer, system: str = SYSTEM_PROMPT, max_new_tokens: int = 200):
+        self.model, self.tokenizer, self.system, self.max_new_tokens = model.eval(), tokenizer, system, max_new_tokens
+
+    def generate(self, instruction: str, input: str, **generation_kwargs) -> str:
+        generation_kwargs.setdefault("max_new_tokens", self.max_new_tokens)
+        row = {"instruction": instruction, "input": input}
+        return generate_batch(self.model, self.tokenizer, [row], system=self.system, **generation_kwargs)[0]
+
+    def stream(self, instruction: str, input: str, **generation_kwargs) -> Iterator[str]:
+        """Yield the response text piece by piece as it is generated (TextIteratorStreamer)."""
+        from transformers import TextIteratorStreamer
+
+        enc = self.tokenizer.apply_chat_template(prompt_messages(instruction, input, self.system),
+                                                 add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True).to(self.model.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": False, **generation_kwargs}
+        thread = Thread(target=self.model.generate, kwargs={
+            **enc, "streamer": streamer, "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": sorted(end_of_turn_ids(self.tokenizer)), **kwargs})
+        thread.start()
+        yield from streamer
+        thread.join()
+
+
+# ---------------------------------------------------------------- save, merge, reload
+def save_generator(model, tokenizer, folder: str | Path, base_model: str | None = None,
+                   quantization: str = "none", system: str = SYSTEM_PROMPT) -> Path:
+    """Save weights (an adapter for a PeftModel, else the full model), the tokenizer and
+    ftnb_sft.json (system prompt; for adapters the base model and its quantization).
+
+    Usage: save_generator(trainer.model, tok, f"{output_dir}/adapter", base_model=model, quantization="nf4")
+    """
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config = {"system": system, "base_model": base_model, "quantization": quantization}
+    (folder / GENERATOR_CONFIG).write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def _generator_config(folder: Path) -> dict:
+    path = folder / GENERATOR_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} has no {GENERATOR_CONFIG}; save it with ftnb.sft.save_generator")
+    return json.loads(path.read_text())
+
+
+def load_adapter_model(folder: str | Path, base_model=None):
+    """Base model (loaded with the recorded quantization unless given) with the saved adapter."""
+    from peft import PeftModel
+
+    from ftnb.models import load_model
+
+    config = _generator_config(Path(folder))
+    if base_model is None:
+        base_model = load_model(config["base_model"], quantization=config["quantization"])
+    return PeftModel.from_pretrained(base_model, str(folder))
+
+
+def load_generator(path: str | Path) -> Generator:
+    """A Generator from a folder written by save_generator or export_merged: an adapter folder
+    (loads the base model, quantized as in training, and attaches the adapter) or a merged folder
+    (plain transformers, no peft).
+
+    Usage: load_generator("outputs/02_domain_generation/merged").generate(instruction, input)
+    """
+    from transformers import AutoModelForCausalLM
+
+    from ftnb.models import load_tokenizer
+
+    folder = Path(path)
+    config = _generator_config(folder)
+    tokenizer = load_tokenizer(str(folder))
+    if (folder / "adapter_config.json").exists():
+        model = load_adapter_model(folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+    return Generator(model, tokenizer, system=config["system"])
+
+
+def merge_into_dequantized(adapter_folder: str | Path, dtype: torch.dtype = torch.float32):
+    """Merge a QLoRA adapter into the *de-quantized* base: the NF4 weights the adapter was trained
+    against, expanded to `dtype`, plus the LoRA update. Merging into the original full-precision
+    weights instead would add the update to slightly different weights than it learned on.
+    Returns a plain transformers model (no peft, no bitsandbytes).
+
+    Usage: merged = merge_into_dequantized(f"{output_dir}/adapter")
+    """
+    from ftnb.models import load_model
+
+    config = _generator_config(Path(adapter_folder))
+    base = load_model(config["base_model"], quantization=config["quantization"], dtype=dtype)
+    if config["quantization"] != "none":
+        base = base.dequantize(dtype=dtype)
+    return load_adapter_model(adapter_folder, base_model=base).merge_and_unload()
+
+
+def export_merged(adapter_folder: str | Path, dest: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a merged checkpoint (config, safetensors, tokenizer, ftnb_sft.json) that loads with
+    AutoModelForCausalLM.from_pretrained alone. Returns dest.
+
+    Usage: export_merged(f"{output_dir}/adapter", f"{output_dir}/merged")
+    """
+    from ftnb.models import load_tokenizer
+
+    config = _generator_config(Path(adapter_folder))
+    merged = merge_into_dequantized(adapter_folder, dtype)
+    return save_generator(merged, load_tokenizer(str(adapter_folder)), dest, base_model=config["base_model"],
+                          quantization="none", system=config["system"])
+
+
+@torch.no_grad()
+def compare_models(model_a, model_b, tokenizer, rows: list[dict] | Dataset, max_new_tokens: int = 64,
+                   system: str = SYSTEM_PROMPT) -> dict:
+    """How far apart two models are on the same prompts: the largest absolute logit difference
+    over every prompt position, and the share of prompts with identical greedy outputs (one prompt
+    at a time, so padding plays no part; max_new_tokens=0 compares logits only).
+
+    Usage: compare_models(adapter_model, merged_model, tok, ds["test"].select(range(10)))
+    """
+    rows = _rows(rows)
+    max_diff = 0.0
+    for row in rows:
+        enc = tokenizer.apply_chat_template(prompt_messages(row["instruction"], row["input"], system),
+                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        la = model_a(**enc.to(model_a.device)).logits.float().cpu()
+        lb = model_b(**enc.to(model_b.device)).logits.float().cpu()
+        max_diff = max(max_diff, float((la - lb).abs().max()))
+    if not max_new_tokens:  # logits only
+        return {"max_logit_diff": max_diff, "prompts": len(rows)}
+    out_a = generate_batch(model_a, tokenizer, rows, max_new_tokens, batch_size=1, system=system)
+    out_b = generate_batch(model_b, tokenizer, rows, max_new_tokens, batch_size=1, system=system)
+    same = [a == b for a, b in zip(out_a, out_b)]
+    return {"max_logit_diff": max_diff, "greedy_agreement": sum(same) / max(len(same), 1),
+            "prompts": len(rows), "outputs_a": out_a, "outputs_b": out_b}
+
+
+def show_label_mask(input_ids: list[int], labels: list[int], tokenizer):
+    """HTML rendering of one training sequence: masked prompt tokens grey and struck through,
+    trained response tokens green. In a notebook: display(show_label_mask(ids, labels, tok))."""
+    from html import escape
+
+    from IPython.display import HTML
+
+    spans = []
+    for token_id, label in zip(input_ids, labels):
+        text = escape(tokenizer.decode([token_id])).replace("\n", "↵<br>")
+        style = "background:#d4f7d4" if label != IGNORE else "color:#888;text-decoration:line-through"
+        spans.append(f"<span style='{style};font-family:monospace'>{text}</span>")
+    legend = ("<p><span style='color:#888;text-decoration:line-through'>masked (-100, no loss)</span> · "
+              "<span style='background:#d4f7d4'>trained (loss)</span></p>")
+    return HTML(legend + "<div style='line-height:1.7'>" + "".join(spans) + "</div>")
+
+
+def evaluate(model, tokenizer, ppl_rows: list[dict], gen_rows: list[dict], max_length: int = 384,
+             max_new_tokens: int = 200, batch_size: int = 8, system: str = SYSTEM_PROMPT):
+    """Held-out perplexity on `ppl_rows` and, on the generations for `gen_rows`, format adherence
+    and ROUGE-L: one row per domain plus 'all'. Returns (table, per-rule pass rates, generations).
+
+    Usage: table, rules, outputs = evaluate(model, tok, test_rows, test_rows[:60])
+    """
+    import pandas as pd
+
+    ppl_rows, gen_rows = _rows(ppl_rows), _rows(gen_rows)
+    nll = response_nll(model, tokenizer, ppl_rows, max_length, batch_size, system)
+    outputs = generate_batch(model, tokenizer, gen_rows, max_new_tokens, batch_size, system)
+    domains = sorted({r["domain"] for r in ppl_rows} | {r["domain"] for r in gen_rows})
+    table = {}
+    for domain in domains + ["all"]:
+        keep = lambda r: domain in ("all", r["domain"])  # noqa: E731
+        ppl = _aggregate([n for n, r in zip(nll, ppl_rows) if keep(r)])
+        pairs = [(o, r) for o, r in zip(outputs, gen_rows) if keep(r)]
+        table[domain] = {
+            "perplexity": ppl["perplexity"], "loss": ppl["loss"],
+            "format_adherence": sum(format_adherence(o, r["domain"]).ok for o, r in pairs) / max(len(pairs), 1),
+            "rougeL": rouge_l([o for o, _ in pairs], [r["output"] for _, r in pairs]), "generated": len(pairs)}
+    rules = adherence_report(outputs, [r["domain"] for r in gen_rows])
+    return pd.DataFrame(table).T, rules, outputs
+
+
+def side_by_side(rows: list[dict], columns: dict[str, list[str]], per_domain: int = 1):
+    """HTML table: input, then one column per model's output, for the first rows of each domain.
+
+    Usage: display(side_by_side(gen_rows, {"base": base_outputs, "tuned": tuned_outputs}))
+    """
+    from html import escape
+
+    from IPython.display import HTML
+
+    shown: dict[str, int] = {}
+    picked = []
+    for i, row in enumerate(rows):
+        if shown.get(row["domain"], 0) < per_domain:
+            shown[row["domain"]] = shown.get(row["domain"], 0) + 1
+            picked.append(i)
+    pre = "<td style='text-align:left;vertical-align:top'><pre style='white-space:pre-wrap'>{}</pre></td>"
+    head = "".join(f"<th>{escape(name)}</th>" for name in ["domain", "input", *columns])
+    body = "".join("<tr>" + f"<td>{rows[i]['domain']}</td>" + pre.format(escape(rows[i]["input"]))
+                   + "".join(pre.format(escape(out[i])) for out in columns.values()) + "</tr>" for i in picked)
+    return HTML(f"<table><tr>{head}</tr>{body}</table>")

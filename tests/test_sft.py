@@ -1,0 +1,209 @@
+"""ftnb.sft: the SFT trap guards, the house-format checker, held-out perplexity, and the
+adapter -> merged export round trip, on the tiny random Llama (seconds)."""
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig, SFTTrainer
+
+from ftnb import env, sft
+from ftnb.models import load_model, load_tokenizer
+
+LEGAL = ("Plain English: You pay a $500 deposit. It comes back within 30 days.\n"
+         "Your obligations:\n- Pay the deposit.\nWatch out for:\n- Deductions for damage.")
+MEDICAL = ("Summary: You had a cough for three days and your chest was clear.\n"
+           "What the terms mean:\n- c/o: complains of.\n- LH:FSH: the balance of two hormones.\n"
+           "Questions to ask your doctor:\n- When should I come back?")
+TECHNICAL = ("Likely cause: The requests package is not installed in this interpreter.\n"
+             "Fix:\n1. Activate the virtual environment.\n2. Run python -m pip install requests.\n"
+             "How to verify: Run python -c \"import requests\" and see no error.")
+ROWS = [
+    {"id": "l1", "domain": "legal", "instruction": "Explain this contract clause in plain English.",
+     "input": "Tenant shall pay a security deposit of $500.", "output": LEGAL},
+    {"id": "m1", "domain": "medical", "instruction": "Explain this clinical note to the patient.",
+     "input": "34F c/o cough x 3/7. Chest clear.", "output": MEDICAL},
+    {"id": "t1", "domain": "technical", "instruction": "Diagnose this error and suggest a fix.",
+     "input": "ModuleNotFoundError: No module named 'requests'", "output": TECHNICAL},
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_path):
+    return load_tokenizer(tiny_model_path)
+
+
+# ---------------------------------------------------------------- house format
+@pytest.mark.parametrize("text,domain", [(LEGAL, "legal"), (MEDICAL, "medical"), (TECHNICAL, "technical")])
+def test_reference_formats_pass(text, domain):
+    result = sft.format_adherence(text, domain)
+    assert result.ok, result.rules
+
+
+@pytest.mark.parametrize("text,domain,broken", [
+    ("Sure! " + LEGAL, "legal", "starts_with_first_label"),
+    (LEGAL.replace("Your obligations:", "Obligations:"), "legal", "labels_in_order"),
+    (LEGAL.replace("- Pay the deposit.", "* Pay the deposit."), "legal", "obligations_bullets"),
+    (MEDICAL.replace("\n- LH:FSH: the balance of two hormones.", ""), "medical", "term_bullets_at_least_2"),
+    (MEDICAL + "\n- Q2?\n- Q3?\n- Q4?", "medical", "question_bullets_1_3"),
+    (TECHNICAL.replace("2. Run", "3. Run"), "technical", "fix_numbered_1_4"),
+    (TECHNICAL.replace("Fix:\n", "Fix:\n1. a\n2. b\n3. c\n").replace("1. Activate", "4. Activate")
+     .replace("2. Run", "5. Run"), "technical", "fix_numbered_1_4"),
+    (TECHNICAL + "\nAnd one more line.", "technical", "verify_one_line"),
+    (TECHNICAL.replace("How to verify:", "How to verify:\nLikely cause: again"), "technical", "labels_in_order"),
+])
+def test_format_violations_are_named(text, domain, broken):
+    result = sft.format_adherence(text, domain)
+    assert not result.ok and not result.rules[broken], result.rules
+
+
+def test_adherence_report_gives_rates_per_domain():
+    report = sft.adherence_report([LEGAL, "nonsense", MEDICAL], ["legal", "legal", "medical"])
+    assert report.loc["legal", "all"] == pytest.approx(0.5)
+    assert report.loc["medical", "all"] == pytest.approx(1.0)
+
+
+def test_unknown_domain_is_an_error():
+    with pytest.raises(ValueError, match="unknown domain"):
+        sft.format_adherence(LEGAL, "finance")
+
+
+def test_rouge_l_identical_and_disjoint():
+    assert sft.rouge_l([LEGAL], [LEGAL]) == pytest.approx(1.0)
+    assert sft.rouge_l(["alpha beta"], ["gamma delta"]) == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------- datasets and guards
+def test_too_long_examples_are_reported_or_raise(tok, capsys):
+    lengths = [sft.example_length(tok, r) for r in ROWS]
+    limit = sorted(lengths)[1]  # the longest example does not fit
+    kept, dropped = sft.build_sft_dataset(ROWS, tok, limit)
+    assert len(kept) == 2 and len(dropped) == 1 and dropped[0]["tokens"] == max(lengths)
+    assert "exceed max_length" in capsys.readouterr().out
+    with pytest.raises(sft.SFTTrapError, match="exceed max_length"):
+        sft.build_sft_dataset(ROWS, tok, limit, on_too_long="raise")
+
+
+def _trainer(model_path, tok, packing: bool, tmp_path):
+    model = load_model(model_path, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    data, _ = sft.build_sft_dataset(ROWS * 2, tok, 512)
+    args = SFTConfig(output_dir=str(tmp_path), max_length=512, packing=packing, completion_only_loss=True,
+                     max_steps=1, per_device_train_batch_size=2, report_to="none", save_strategy="no",
+                     disable_tqdm=True, **env.precision_flags())
+    return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_trl_dataset_passes_guards(tiny_model_path, tok, packing, tmp_path):
+    trainer = _trainer(tiny_model_path, tok, packing, tmp_path)
+    counts = sft.check_training_examples(trainer.train_dataset, tok)
+    assert counts["examples"] == 6 and counts["trained_tokens"] > 0 and counts["masked_tokens"] > 0
+    first = trainer.train_dataset[0]
+    n = (first.get("seq_lengths") or [len(first["input_ids"])])[0]
+    assert sft.check_same_template(tok, ROWS, training_ids=first["input_ids"][:n])["id"] in {"l1", "m1", "t1"}
+
+
+def _tokenized(tok, row=ROWS[0]):
+    ex = sft.to_prompt_completion(row)
+    prompt = tok.apply_chat_template(ex["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
+    full = tok.apply_chat_template(ex["prompt"] + ex["completion"], return_dict=True)["input_ids"]
+    return full, [sft.IGNORE] * len(prompt) + full[len(prompt):]
+
+
+def test_guard_all_masked(tok):
+    ids, _ = _tokenized(tok)
+    with pytest.raises(sft.SFTTrapError, match="every label is -100"):
+        sft.check_training_examples(Dataset.from_list([{"input_ids": ids, "labels": [-100] * len(ids)}]), tok)
+
+
+def test_guard_missing_end_of_turn(tok):
+    ids, labels = _tokenized(tok)
+    cut = len(ids) - 5  # a response truncated before <|im_end|>
+    with pytest.raises(sft.SFTTrapError, match="end-of-turn"):
+        sft.check_training_examples(Dataset.from_list([{"input_ids": ids[:cut], "labels": labels[:cut]}]), tok)
+
+
+def test_guard_prompt_trained(tok):
+    ids, _ = _tokenized(tok)
+    with pytest.raises(sft.SFTTrapError, match="prompt tokens carry labels"):
+        sft.check_training_examples(Dataset.from_list([{"input_ids": ids, "labels": ids}]), tok)
+    assert sft.check_training_examples(Dataset.from_list([{"input_ids": ids, "labels": ids}]), tok,
+                                       require_prompt_masked=False)["examples"] == 1
+
+
+def test_guard_different_template(tok):
+    ids, _ = _tokenized(tok)
+    assert sft.check_same_template(tok, ROWS, training_ids=ids)["id"] == "l1"
+    with pytest.raises(sft.SFTTrapError, match="different templates"):
+        sft.check_same_template(tok, ROWS, training_ids=ids, system="Another system prompt.")
+
+
+def test_packed_positions_keep_examples_apart(tiny_model_path, tok):
+    """Padding-free packing is only safe if restarting position_ids stops cross-attention."""
+    model = load_model(tiny_model_path, dtype=torch.float32).eval()
+    a, _ = _tokenized(tok, ROWS[0])
+    b, _ = _tokenized(tok, ROWS[1])
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([b]), use_cache=False).logits[0]
+        packed = model(input_ids=torch.tensor([a + b]),
+                       position_ids=torch.tensor([list(range(len(a))) + list(range(len(b)))]),
+                       use_cache=False).logits[0, len(a):]  # as in training: TRL passes use_cache=False
+    assert torch.allclose(alone, packed, atol=1e-4)
+
+
+# ---------------------------------------------------------------- perplexity, generation, export
+def test_perplexity_counts_response_tokens_only(tiny_model_path, tok):
+    model = load_model(tiny_model_path, dtype=torch.float32)
+    result = sft.perplexity(model, tok, ROWS, batch_size=2)
+    expected_tokens = sum(len(lab) - lab.count(sft.IGNORE) for _, lab in (_tokenized(tok, r) for r in ROWS))
+    assert result["tokens"] == expected_tokens
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    one_by_one = [sft.perplexity(model, tok, [r], batch_size=1) for r in ROWS]
+    pooled = sum(r["loss"] * r["tokens"] for r in one_by_one) / sum(r["tokens"] for r in one_by_one)
+    assert result["loss"] == pytest.approx(pooled, rel=1e-4)  # padding does not change the loss
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_path, tok, tmp_path_factory):
+    """An NF4 QLoRA adapter with non-zero updates (random B), saved with its generator config."""
+    torch.manual_seed(0)
+    base = load_model(tiny_model_path, quantization="nf4")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+    folder = tmp_path_factory.mktemp("adapter")
+    sft.save_generator(model, tok, folder, base_model=tiny_model_path, quantization="nf4")
+    return folder
+
+
+def test_merged_export_reproduces_adapter_model(adapter_dir, tok, tmp_path):
+    merged_dir = sft.export_merged(adapter_dir, tmp_path / "merged")
+    assert not (merged_dir / "adapter_config.json").exists()
+    assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir)  # plain transformers, no peft
+    adapter_model = sft.load_adapter_model(adapter_dir)
+    check = sft.compare_models(adapter_model, plain, tok, ROWS, max_new_tokens=12)
+    assert check["max_logit_diff"] < 1e-2
+    assert check["greedy_agreement"] == 1.0
+
+
+def test_load_generator_on_both_folder_kinds(adapter_dir, tok, tmp_path):
+    merged_dir = sft.export_merged(adapter_dir, tmp_path / "merged")
+    from ftnb.inference import load_generator
+
+    row = ROWS[2]
+    from_adapter = load_generator(str(adapter_dir)).generate(row["instruction"], row["input"], max_new_tokens=8)
+    merged = load_generator(str(merged_dir))
+    assert merged.system == sft.SYSTEM_PROMPT
+    from_merged = merged.generate(row["instruction"], row["input"], max_new_tokens=8)
+    assert isinstance(from_adapter, str) and from_adapter == from_merged
+    streamed = "".join(merged.stream(row["instruction"], row["input"], max_new_tokens=8))
+    assert streamed.strip() == from_merged
+
+
+def test_load_generator_needs_its_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ftnb_sft.json"):
+        sft.load_generator(tmp_path)
