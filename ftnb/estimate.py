@@ -457,7 +457,7 @@ def estimate_training_memory(
     `compute_dtype`: dtype of the frozen weights/activations (default: fp32 on CPU, bf16 on CUDA).
     `padded`: batches carry an attention mask (SDPA then expands grouped k/v heads).
     `kbit_prepare`: peft's prepare_model_for_kbit_training was called (default: when quantized).
-    `grad_accumulation` does not change the peak; it is kept so suggestions can report it.
+    `grad_accumulation` > 1 keeps the LoRA gradients alive through the next forward pass.
     `device`: "cpu" or "cuda" (default: this machine); decides the fixed overheads.
     """
     shape = model_shape(config_or_name)
@@ -486,7 +486,10 @@ def estimate_training_memory(
     n_lora = lora_params(shape, lora_r, lora_targets) + (shape.head_params(task, num_labels) if task == "seq-cls" else 0)
     state_bytes = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 0, "sgd": 0}[optimizer]
     rows += [_row("trainable", f"LoRA parameters r={lora_r} ({n_lora:,}, fp32)", n_lora * 4),
-             _row("trainable", "their gradients (fp32)", n_lora * 4),
+             # gradients appear during backward, as activations are freed, so they are not part
+             # of the peak at the start of backward, unless accumulation keeps them across passes
+             _row("trainable", "their gradients (fp32; at the peak only with accumulation)",
+                  n_lora * 4 if grad_accumulation > 1 else 0),
              _row("trainable", f"optimizer state ({optimizer})", n_lora * state_bytes)]
 
     tokens = batch_size * seq_len
@@ -546,14 +549,6 @@ def estimate_inference_memory(
         rows.append(_row("loss", "logits of the last position (fp32)", batch_size * shape.vocab_size * 4))
     rows.append(_overhead_row(device, rows, work))
     return MemoryEstimate(rows, settings, "inference")
-
-
-def with_settings(estimate: MemoryEstimate, **changes) -> MemoryEstimate:
-    """Re-estimate with some settings changed. Usage: with_settings(est, batch_size=1)"""
-    if estimate.kind != "training":
-        raise ValueError("with_settings re-runs training estimates only")
-    settings = {k: v for k, v in estimate.settings.items() if k != "model"}
-    return estimate_training_memory(**{**settings, **changes})
 
 
 # ---------------------------------------------------------------- measuring, to check the estimate

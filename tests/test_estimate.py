@@ -74,6 +74,8 @@ def test_checkpointing_and_optimizer_change_what_they_should(smollm2):
     sgd = estimate_training_memory(smollm2, optimizer="sgd", **kw)
     n = lora_params(smollm2, 8)
     assert ckpt.total_bytes - sgd.total_bytes == pytest.approx(8 * n * 1.05, rel=0.01)  # 2 fp32 moments
+    accumulating = estimate_training_memory(smollm2, gradient_checkpointing=True, grad_accumulation=4, **kw)
+    assert accumulating.total_bytes - ckpt.total_bytes == pytest.approx(4 * n * 1.05, rel=0.01)  # fp32 grads kept
     eager = estimate_training_memory(smollm2, attn_implementation="eager", gradient_checkpointing=False, **kw)
     scores = 30 * 8 * 9 * 512 * 512 * (4 + 2)  # fp32 probabilities + bf16 copy, per layer
     assert eager.bytes_by_group()["activations"] - full.bytes_by_group()["activations"] >= scores
