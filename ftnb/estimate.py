@@ -204,13 +204,13 @@ def _targeted(shape: ModelShape, targets: str | list[str]) -> list[tuple[str, in
     return [lin for lin in shape.linears() if lin[0] in names]
 
 
-def logits_bytes(batch_size: int, seq_len: int, vocab_size: int, compute_bytes: int = 4) -> int:
+def logits_bytes(batch_size: int, seq_len: int, vocab_size: int) -> int:
     """Peak of the causal-LM loss when the caller keeps only the loss (as the Trainer does): the
     log-softmax the cross-entropy saves, then in backward its gradient and the logits' gradient,
-    all fp32: 12 bytes per token x vocabulary entry, +2 for the half-precision gradient copy.
+    all fp32: 12 bytes per token x vocabulary entry. (In half precision the logits and the cast
+    of their gradient are smaller and never coexist with all three; an H200 run confirmed 12.)
     Usage: logits_bytes(4, 128, 49152)  # 4 x 128 x 49152 x 12 bytes = 288 MiB"""
-    per_entry = 12 + (2 if compute_bytes < 4 else 0)
-    return batch_size * seq_len * vocab_size * per_entry
+    return batch_size * seq_len * vocab_size * 12
 
 
 def layer_activation_bytes(shape: ModelShape, tokens: int, batch_size: int, seq_len: int, *,
@@ -510,7 +510,7 @@ def estimate_training_memory(
     rows.append(_row("activations", "backward gradient buffers", tokens * (3 * shape.hidden_size + shape.intermediate_size) * 4))
     if task == "causal-lm":
         rows.append(_row("loss", f"logits + log-softmax + grads ({tokens:,} tokens x {shape.vocab_size:,} vocab)",
-                         logits_bytes(batch_size, seq_len, shape.vocab_size, cd)))
+                         logits_bytes(batch_size, seq_len, shape.vocab_size)))
     if task == "causal-lm" and float_bytes == 4 and cd < 4:
         # autocast casts the fp32 output head to half precision for its matmul, and autograd keeps
         # that copy for the backward pass (the head is frozen, but its input needs a gradient)
