@@ -286,7 +286,8 @@ def response_nll(model, tokenizer, rows: list[dict] | Dataset, max_length: int =
         ex = to_prompt_completion(row, system)
         prompt = _chat_ids(tokenizer, ex["prompt"], add_generation_prompt=True)
         full = _chat_ids(tokenizer, ex["prompt"] + ex["completion"])
-        examples.append((full[:max_length], [IGNORE] * len(prompt) + full[len(prompt):max_length], len(full) > max_length))
+        labels = ([IGNORE] * len(prompt) + full[len(prompt):])[:max_length]  # a prompt may exceed max_length
+        examples.append((full[:max_length], labels, len(full) > max_length))
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
     results: list[dict] = [{} for _ in examples]
     for start in range(0, len(order), batch_size):

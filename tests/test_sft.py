@@ -167,6 +167,12 @@ def test_perplexity_counts_response_tokens_only(tiny_model_path, tok):
     assert result["loss"] == pytest.approx(pooled, rel=1e-4)  # padding does not change the loss
 
 
+def test_perplexity_survives_a_prompt_longer_than_max_length(tiny_model_path, tok):
+    model = load_model(tiny_model_path, dtype=torch.float32)
+    result = sft.perplexity(model, tok, ROWS, max_length=16, batch_size=2)
+    assert result["truncated"] == len(ROWS)  # every example is cut, and says so
+
+
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_path, tok, tmp_path_factory):
     """An NF4 QLoRA adapter with non-zero updates (random B), saved with its generator config."""
