@@ -28,6 +28,8 @@ from typing import Iterable, Iterator
 import torch
 from datasets import Dataset
 
+from ftnb.inference import chat_inputs
+
 SYSTEM_PROMPT = "You are a careful assistant. Answer in the requested house format."
 GENERATOR_CONFIG = "ftnb_sft.json"
 IGNORE = -100
@@ -374,9 +376,7 @@ class Generator:
         """Yield the response text piece by piece as it is generated (TextIteratorStreamer)."""
         from transformers import TextIteratorStreamer
 
-        enc = self.tokenizer.apply_chat_template(prompt_messages(instruction, input, self.system),
-                                                 add_generation_prompt=True, return_tensors="pt",
-                                                 return_dict=True).to(self.model.device)
+        enc = chat_inputs(self.tokenizer, prompt_messages(instruction, input, self.system), self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": False, **generation_kwargs}
         thread = Thread(target=self.model.generate, kwargs={
@@ -486,10 +486,9 @@ def compare_models(model_a, model_b, tokenizer, rows: list[dict] | Dataset, max_
     rows = _rows(rows)
     max_diff = 0.0
     for row in rows:
-        enc = tokenizer.apply_chat_template(prompt_messages(row["instruction"], row["input"], system),
-                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        la = model_a(**enc.to(model_a.device)).logits.float().cpu()
-        lb = model_b(**enc.to(model_b.device)).logits.float().cpu()
+        enc = chat_inputs(tokenizer, prompt_messages(row["instruction"], row["input"], system))
+        la = model_a(**{k: v.to(model_a.device) for k, v in enc.items()}).logits.float().cpu()
+        lb = model_b(**{k: v.to(model_b.device) for k, v in enc.items()}).logits.float().cpu()
         max_diff = max(max_diff, float((la - lb).abs().max()))
     if not max_new_tokens:  # logits only
         return {"max_logit_diff": max_diff, "prompts": len(rows)}
