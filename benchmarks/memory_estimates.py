@@ -1,6 +1,6 @@
 """Predicted vs measured peak memory of LoRA/QLoRA training on CPU, for SmolLM2-135M.
 
-Usage (from the repo root; 20-30 minutes on 2 shared cores):
+Usage (from the repo root; about 6 minutes on 2 idle cores):
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/memory_estimates.py [--only NAME ...] [--steps 2]
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/memory_estimates.py --repredict   # after editing ftnb/estimate.py
 writes benchmarks/memory_estimates.json and prints the table.

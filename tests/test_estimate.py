@@ -116,3 +116,15 @@ def test_the_breakdown_prints(smollm2):
     text = str(est)
     assert "logits" in text and "peak" in text
     assert est.total_bytes == sum(r["bytes"] for r in est.rows) and est.total_bytes > 500 * MIB
+
+
+def test_cpu_optimizer_state_reuses_the_kept_heap(smollm2):
+    """On CPU, state born after the first backward fills the heap glibc kept; on CUDA it adds."""
+    kw = dict(batch_size=4, seq_len=128, lora_r=64)
+    cpu = {o: estimate_training_memory(smollm2, optimizer=o, device="cpu", **kw) for o in ("adamw", "sgd")}
+    cuda = {o: estimate_training_memory(smollm2, optimizer=o, device="cuda", **kw) for o in ("adamw", "sgd")}
+    assert cpu["adamw"].total_bytes == cpu["sgd"].total_bytes  # 8 B x 19.5 M of state fits in the kept heap
+    assert cuda["adamw"].total_bytes > cuda["sgd"].total_bytes + 8 * lora_params(smollm2, 64)
+    tiny_heap = estimate_training_memory(smollm2, optimizer="adamw", device="cpu", batch_size=1, seq_len=8, lora_r=256)
+    state = next(r for r in tiny_heap.rows if r["component"].startswith("optimizer state"))
+    assert state["bytes"] > 0  # what exceeds the kept heap still counts
