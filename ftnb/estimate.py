@@ -485,11 +485,11 @@ def estimate_training_memory(
                          settings["compute_dtype"])
     n_lora = lora_params(shape, lora_r, lora_targets) + (shape.head_params(task, num_labels) if task == "seq-cls" else 0)
     state_bytes = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 0, "sgd": 0}[optimizer]
+    # gradients appear during backward, as activations are freed, so they are not part of the
+    # peak at the start of backward, unless accumulation keeps them across passes
+    grad_bytes = n_lora * 4 if grad_accumulation > 1 else 0
     rows += [_row("trainable", f"LoRA parameters r={lora_r} ({n_lora:,}, fp32)", n_lora * 4),
-             # gradients appear during backward, as activations are freed, so they are not part
-             # of the peak at the start of backward, unless accumulation keeps them across passes
-             _row("trainable", "their gradients (fp32; at the peak only with accumulation)",
-                  n_lora * 4 if grad_accumulation > 1 else 0),
+             _row("trainable", "their gradients (fp32; at the peak only with accumulation)", grad_bytes),
              _row("trainable", f"optimizer state ({optimizer})", n_lora * state_bytes)]
 
     tokens = batch_size * seq_len
@@ -519,24 +519,17 @@ def estimate_training_memory(
     if quantization != "none":
         biggest = max(i * o for _, i, o in shape.linears())
         rows.append(_row("activations", "dequantised weight of the largest layer (transient)", biggest * cd))
-    rows.append(_overhead_row(device, rows, shape.num_layers * one_layer))
+    heap = _overhead_row(device, rows, shape.num_layers * one_layer)
+    rows.append(heap)
     if device == "cpu":
-        _born_in_kept_heap(rows)
+        # The optimizer state (and accumulated gradients) are first allocated after the first
+        # backward pass, inside the heap glibc kept from the freed activations: only what exceeds
+        # that heap raises the resident peak. Measured: r=64 instead of r=8 adds 150 MiB of AdamW
+        # state and 65 MiB of LoRA weights, and the peak rose by 83-104 MiB; SGD, AdamW and 8-bit
+        # AdamW peaked within 80 MiB of each other (benchmarks/README.md).
+        reused = min(grad_bytes + n_lora * state_bytes, heap["bytes"])
+        rows.append(_row("fixed", "minus: gradients and optimizer state created inside that heap", -reused))
     return MemoryEstimate(rows, settings, "training")
-
-
-def _born_in_kept_heap(rows: list[dict]) -> None:
-    """On CPU the optimizer state (and accumulated gradients) are first allocated after the first
-    backward pass, when glibc already holds the freed activations' heap: they reuse it, and only
-    what exceeds it raises the resident peak. Measured: r=64 instead of r=8 adds 150 MiB of AdamW
-    state and 65 MiB of LoRA weights, and the peak rose by 83-104 MiB (two runs); SGD, AdamW and
-    8-bit AdamW peaked within 80 MiB of each other (benchmarks/README.md)."""
-    free = rows[-1]["bytes"]  # the glibc heap row, added last
-    for row in rows:
-        if row["group"] == "trainable" and not row["component"].startswith("LoRA parameters"):
-            reused = min(row["bytes"], free)
-            row["bytes"] -= reused
-            free -= reused
 
 
 def estimate_inference_memory(
