@@ -44,6 +44,17 @@ _BULLET = re.compile(r"^- \S")
 _TERM_BULLET = re.compile(r"^- \S.*?: \S")  # a term may hold colons itself (LH:FSH, 4:10)
 
 
+def check_domains(domains: list[str]) -> None:
+    """Raise a ValueError naming any domain without a house format (a typo would otherwise
+    silently train and evaluate on fewer domains).
+
+    Usage: check_domains(["legal", "technical"])
+    """
+    unknown = sorted(set(domains) - set(HOUSE_LABELS))
+    if unknown:
+        raise ValueError(f"unknown domain(s) {unknown}; known: {', '.join(HOUSE_LABELS)}")
+
+
 class SFTTrapError(ValueError):
     """A training set-up that would silently teach the wrong thing (nothing to learn, no stop token,
     a prompt at inference that differs from training, responses cut off by max_length)."""
@@ -330,16 +341,34 @@ def perplexity(model, tokenizer, rows: list[dict] | Dataset, max_length: int = 3
 
 
 # ---------------------------------------------------------------- generation
+def decoding_kwargs(tokenizer, prompt_width: int, repetition_penalty: float = 1.0, **generation_kwargs) -> dict:
+    """Keyword arguments for model.generate: greedy unless told otherwise, stop at end-of-turn, and
+    a repetition penalty on the answer's own tokens only. (transformers' `repetition_penalty`
+    also penalises every prompt token, so a summary could not reuse the words of the note it
+    summarises.) `prompt_width`: the prompt length, left padding included.
+
+    Usage: model.generate(**enc, **decoding_kwargs(tok, enc["input_ids"].shape[1], 1.1, max_new_tokens=200))
+    """
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    kwargs = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": sorted(end_of_turn_ids(tokenizer)), **generation_kwargs}
+    if repetition_penalty != 1.0:
+        kwargs["logits_processor"] = LogitsProcessorList(
+            [RepetitionPenaltyLogitsProcessor(repetition_penalty, prompt_ignore_length=prompt_width)])
+    return kwargs
+
+
 @torch.no_grad()
 def generate_batch(model, tokenizer, rows: list[dict] | Dataset, max_new_tokens: int = 160,
                    batch_size: int = 8, system: str = SYSTEM_PROMPT, **generation_kwargs) -> list[str]:
     """Greedy (by default) responses to rows with instruction/input, batched with left padding
     (a decoder continues from the last position, so the prompt must end there in every row).
+    `generation_kwargs` go to decoding_kwargs (repetition_penalty) and model.generate.
 
     Usage: generate_batch(model, tok, ds["test"].select(range(5)), max_new_tokens=120)
     """
     model.eval()
-    generation_kwargs.setdefault("do_sample", False)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs = []
     try:
@@ -349,9 +378,10 @@ def generate_batch(model, tokenizer, rows: list[dict] | Dataset, max_new_tokens:
                                                      tokenize=False, add_generation_prompt=True)
                        for r in rows[start:start + batch_size]]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=sorted(end_of_turn_ids(tokenizer)), **generation_kwargs)
-            outputs += [t.strip() for t in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+            width = enc["input_ids"].shape[1]
+            out = model.generate(**enc, **decoding_kwargs(tokenizer, width, max_new_tokens=max_new_tokens,
+                                                          **generation_kwargs))
+            outputs += [t.strip() for t in tokenizer.batch_decode(out[:, width:],
                                                                   skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
@@ -361,16 +391,20 @@ def generate_batch(model, tokenizer, rows: list[dict] | Dataset, max_new_tokens:
 class Generator:
     """A fine-tuned model plus its tokenizer and system prompt: the training template, at inference.
 
+    `decoding` holds the default generation settings (those the model was evaluated with);
+    keyword arguments of generate/stream override them.
+
     Usage: gen = Generator(model, tok); gen.generate(instruction, input); for chunk in gen.stream(...): ...
     """
 
-    def __init__(self, model, tokenizer, system: str = SYSTEM_PROMPT, max_new_tokens: int = 200):
-        self.model, self.tokenizer, self.system, self.max_new_tokens = model.eval(), tokenizer, system, max_new_tokens
+    def __init__(self, model, tokenizer, system: str = SYSTEM_PROMPT, decoding: dict | None = None):
+        self.model, self.tokenizer, self.system = model.eval(), tokenizer, system
+        self.decoding = {"max_new_tokens": 200, **(decoding or {})}
 
     def generate(self, instruction: str, input: str, **generation_kwargs) -> str:
-        generation_kwargs.setdefault("max_new_tokens", self.max_new_tokens)
         row = {"instruction": instruction, "input": input}
-        return generate_batch(self.model, self.tokenizer, [row], system=self.system, **generation_kwargs)[0]
+        return generate_batch(self.model, self.tokenizer, [row], system=self.system,
+                              **{**self.decoding, **generation_kwargs})[0]
 
     def stream(self, instruction: str, input: str, **generation_kwargs) -> Iterator[str]:
         """Yield the response text piece by piece as it is generated (TextIteratorStreamer)."""
@@ -378,10 +412,8 @@ class Generator:
 
         enc = chat_inputs(self.tokenizer, prompt_messages(instruction, input, self.system), self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": False, **generation_kwargs}
-        thread = Thread(target=self.model.generate, kwargs={
-            **enc, "streamer": streamer, "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": sorted(end_of_turn_ids(self.tokenizer)), **kwargs})
+        kwargs = decoding_kwargs(self.tokenizer, enc["input_ids"].shape[1], **{**self.decoding, **generation_kwargs})
+        thread = Thread(target=self.model.generate, kwargs={**enc, "streamer": streamer, **kwargs})
         thread.start()
         yield from streamer
         thread.join()
@@ -389,16 +421,17 @@ class Generator:
 
 # ---------------------------------------------------------------- save, merge, reload
 def save_generator(model, tokenizer, folder: str | Path, base_model: str | None = None,
-                   quantization: str = "none", system: str = SYSTEM_PROMPT) -> Path:
+                   quantization: str = "none", system: str = SYSTEM_PROMPT, decoding: dict | None = None) -> Path:
     """Save weights (an adapter for a PeftModel, else the full model), the tokenizer and
-    ftnb_sft.json (system prompt; for adapters the base model and its quantization).
+    ftnb_sft.json (system prompt, default decoding settings; for adapters the base model and its
+    quantization).
 
     Usage: save_generator(trainer.model, tok, f"{output_dir}/adapter", base_model=model, quantization="nf4")
     """
     folder = Path(folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    config = {"system": system, "base_model": base_model, "quantization": quantization}
+    config = {"system": system, "decoding": decoding or {}, "base_model": base_model, "quantization": quantization}
     (folder / GENERATOR_CONFIG).write_text(json.dumps(config, indent=2))
     return folder
 
@@ -440,7 +473,7 @@ def load_generator(path: str | Path) -> Generator:
         model = load_adapter_model(folder)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder)
-    return Generator(model, tokenizer, system=config["system"])
+    return Generator(model, tokenizer, system=config["system"], decoding=config.get("decoding"))
 
 
 def merge_into_dequantized(adapter_folder: str | Path, dtype: torch.dtype = torch.float32):
@@ -471,7 +504,7 @@ def export_merged(adapter_folder: str | Path, dest: str | Path, dtype: torch.dty
     config = _generator_config(Path(adapter_folder))
     merged = merge_into_dequantized(adapter_folder, dtype)
     return save_generator(merged, load_tokenizer(str(adapter_folder)), dest, base_model=config["base_model"],
-                          quantization="none", system=config["system"])
+                          quantization="none", system=config["system"], decoding=config.get("decoding"))
 
 
 @torch.no_grad()
@@ -517,7 +550,7 @@ def show_label_mask(input_ids: list[int], labels: list[int], tokenizer):
 
 
 def evaluate(model, tokenizer, ppl_rows: list[dict], gen_rows: list[dict], max_length: int = 384,
-             max_new_tokens: int = 200, batch_size: int = 8, system: str = SYSTEM_PROMPT):
+             max_new_tokens: int = 200, batch_size: int = 8, system: str = SYSTEM_PROMPT, **generation_kwargs):
     """Held-out perplexity on `ppl_rows` and, on the generations for `gen_rows`, format adherence
     and ROUGE-L: one row per domain plus 'all'. Returns (table, per-rule pass rates, generations).
 
@@ -527,7 +560,7 @@ def evaluate(model, tokenizer, ppl_rows: list[dict], gen_rows: list[dict], max_l
 
     ppl_rows, gen_rows = _rows(ppl_rows), _rows(gen_rows)
     nll = response_nll(model, tokenizer, ppl_rows, max_length, batch_size, system)
-    outputs = generate_batch(model, tokenizer, gen_rows, max_new_tokens, batch_size, system)
+    outputs = generate_batch(model, tokenizer, gen_rows, max_new_tokens, batch_size, system, **generation_kwargs)
     domains = sorted({r["domain"] for r in ppl_rows} | {r["domain"] for r in gen_rows})
     table = {}
     for domain in domains + ["all"]:

@@ -213,3 +213,33 @@ def test_load_generator_on_both_folder_kinds(adapter_dir, tok, tmp_path):
 def test_load_generator_needs_its_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="ftnb_sft.json"):
         sft.load_generator(tmp_path)
+
+
+def test_unknown_domain_names_are_refused():
+    sft.check_domains(["legal", "technical"])
+    with pytest.raises(ValueError, match="technicl"):
+        sft.check_domains(["legal", "technicl"])
+    with pytest.raises(ValueError, match="known: legal, medical, technical"):
+        sft.check_domains(["finance"])
+
+
+def test_repetition_penalty_spares_the_prompt(tok):
+    penalty = sft.decoding_kwargs(tok, prompt_width=3, repetition_penalty=2.0)["logits_processor"][0]
+    input_ids = torch.tensor([[5, 6, 7, 8]])  # 5, 6, 7: the prompt; 8: already generated
+    scores = penalty(input_ids, torch.ones(1, 10))
+    assert scores[0, 8] == pytest.approx(0.5)  # the answer's own token: penalised
+    assert torch.all(scores[0, [5, 6, 7]] == 1.0)  # prompt tokens: free to reuse
+    assert "logits_processor" not in sft.decoding_kwargs(tok, 3)  # 1.0: plain greedy
+
+
+def test_saved_decoding_settings_are_the_generator_defaults(adapter_dir, tok, tmp_path):
+    sft.save_generator(sft.load_adapter_model(adapter_dir), tok, tmp_path / "a", base_model=json.loads(
+        (adapter_dir / sft.GENERATOR_CONFIG).read_text())["base_model"], quantization="nf4",
+        decoding={"max_new_tokens": 6, "repetition_penalty": 1.3})
+    generator = sft.load_generator(tmp_path / "a")
+    assert generator.decoding == {"max_new_tokens": 6, "repetition_penalty": 1.3}
+    row = ROWS[0]
+    assert generator.generate(row["instruction"], row["input"]) == generator.generate(
+        row["instruction"], row["input"], max_new_tokens=6, repetition_penalty=1.3)
+    merged = sft.load_generator(sft.export_merged(tmp_path / "a", tmp_path / "merged"))
+    assert merged.decoding == generator.decoding  # the export keeps them
