@@ -550,16 +550,20 @@ def show_label_mask(input_ids: list[int], labels: list[int], tokenizer):
 
 
 def evaluate(model, tokenizer, ppl_rows: list[dict], gen_rows: list[dict], max_length: int = 384,
-             max_new_tokens: int = 200, batch_size: int = 8, system: str = SYSTEM_PROMPT, **generation_kwargs):
+             max_new_tokens: int = 200, batch_size: int = 8, system: str = SYSTEM_PROMPT,
+             ppl_batch_size: int = 8, **generation_kwargs):
     """Held-out perplexity on `ppl_rows` and, on the generations for `gen_rows`, format adherence
     and ROUGE-L: one row per domain plus 'all'. Returns (table, per-rule pass rates, generations).
+    `batch_size` is for generation, which keeps one row of logits per prompt; the perplexity pass
+    keeps full-vocabulary logits for every token (batch x length x 49k floats for SmolLM2), so it
+    has its own, smaller `ppl_batch_size`.
 
     Usage: table, rules, outputs = evaluate(model, tok, test_rows, test_rows[:60])
     """
     import pandas as pd
 
     ppl_rows, gen_rows = _rows(ppl_rows), _rows(gen_rows)
-    nll = response_nll(model, tokenizer, ppl_rows, max_length, batch_size, system)
+    nll = response_nll(model, tokenizer, ppl_rows, max_length, ppl_batch_size, system)
     outputs = generate_batch(model, tokenizer, gen_rows, max_new_tokens, batch_size, system, **generation_kwargs)
     domains = sorted({r["domain"] for r in ppl_rows} | {r["domain"] for r in gen_rows})
     table = {}
