@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 # The GitHub repository the Open-in-Colab badges point to (change it in a fork).
 REPO = "ftnb-course/ftnb"
 
-_SUBMODULES = ("classify", "conventions", "data", "env", "estimate", "inference", "memory",
-               "models", "plots", "results", "runner", "sft")
+_SUBMODULES = ("conventions", "data", "env", "estimate", "inference", "memory", "models", "plots",
+               "recipes", "results", "runner", "tasks")
 
 
 def __getattr__(name: str):

@@ -33,7 +33,7 @@ def load_classifier(path: str):
 
     Usage: clf = load_classifier("outputs/01_ticket_classification/classifier"); clf.predict(["my card was charged twice"])
     """
-    from ftnb.classify import load_classifier as _load
+    from ftnb.tasks.classify import load_classifier as _load
 
     return _load(path)
 
@@ -43,6 +43,6 @@ def load_generator(path: str):
 
     Usage: gen = load_generator("outputs/02_domain_generation/adapter"); gen.generate("Explain ...", "clause text")
     """
-    from ftnb.sft import load_generator as _load
+    from ftnb.tasks.sft import load_generator as _load
 
     return _load(path)

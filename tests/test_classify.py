@@ -1,4 +1,4 @@
-"""ftnb.classify: formatting, labels, metrics, zero-shot scoring, and the saved classifier
+"""ftnb.tasks.classify: formatting, labels, metrics, zero-shot scoring, and the saved classifier
 (trained for a few steps on tiny-llama-test, reloaded in a fresh process)."""
 import json
 import subprocess
@@ -12,7 +12,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import DataCollatorWithPadding, TrainingArguments
 
-from ftnb import classify
+from ftnb.tasks import classify
 from ftnb.models import load_model, load_tokenizer
 
 LABELS = list(classify.LABELS["category"])

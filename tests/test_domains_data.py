@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from ftnb.data import DOMAINS, load, near_duplicates
-from ftnb.sft import format_adherence
+from ftnb.tasks.sft import format_adherence
 
 INSTRUCTIONS = {
     "legal": "Explain this contract clause in plain English.",

@@ -1,4 +1,4 @@
-"""ftnb.sft: the SFT trap guards, the house-format checker, held-out perplexity, and the
+"""ftnb.tasks.sft: the SFT trap guards, the house-format checker, held-out perplexity, and the
 adapter -> merged export round trip, on the tiny random Llama (seconds)."""
 import json
 import math
@@ -10,7 +10,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from ftnb import env, sft
+from ftnb import env
+from ftnb.tasks import sft
 from ftnb.models import load_model, load_tokenizer
 
 LEGAL = ("Plain English: You pay a $500 deposit. It comes back within 30 days.\n"

@@ -2,7 +2,7 @@
 zero-shot scoring, a weighted-loss Trainer, and the saved classifier.
 
 Usage:
-    from ftnb.classify import ticket_text, tokenize_split, evaluate, load_classifier
+    from ftnb.tasks.classify import ticket_text, tokenize_split, evaluate, load_classifier
     train = tokenize_split(ds["train"], tok, "category", max_length=160)
     clf = TicketClassifier(model, tok, labels=TICKET_CATEGORIES, ...)
     clf.save("outputs/01_ticket_classification/classifier")

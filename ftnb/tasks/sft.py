@@ -1,7 +1,7 @@
 """Supervised fine-tuning of a chat model on instruction/input/output rows, with the traps guarded.
 
 Usage:
-    from ftnb import sft
+    from ftnb.tasks import sft
     train, dropped = sft.build_sft_dataset(rows, tok, max_length=352)   # prompt/completion chat examples
     sft.check_training_examples(trainer.train_dataset, tok)             # labels, end-of-turn, masking
     sft.check_same_template(tok, rows[0])                               # inference prompt == training prefix
@@ -439,7 +439,7 @@ def save_generator(model, tokenizer, folder: str | Path, base_model: str | None 
 def _generator_config(folder: Path) -> dict:
     path = folder / GENERATOR_CONFIG
     if not path.exists():
-        raise FileNotFoundError(f"{folder} has no {GENERATOR_CONFIG}; save it with ftnb.sft.save_generator")
+        raise FileNotFoundError(f"{folder} has no {GENERATOR_CONFIG}; save it with ftnb.tasks.sft.save_generator")
     return json.loads(path.read_text())
 
 
