@@ -25,5 +25,9 @@ main: setup
 quickstart: setup
 	$(OFFLINE) $(BIN)/python -m ftnb run notebooks/00_quickstart.ipynb --preset cpu
 
+# The tested pins for the notebooks' install cell (Colab): requirements.txt minus torch and the kernel.
+constraints-colab.txt: requirements.txt ftnb/install.py | $(VENV)/.installed
+	$(BIN)/python -m ftnb.install > $@
+
 clean:
 	rm -rf runs .pytest_cache

@@ -1,10 +1,11 @@
-"""Assemble a dataset's hand-written source files into stratified train/validation/test splits.
+"""Assemble a dataset's generated source files into stratified train/validation/test splits.
 
 Usage (from the repository root):
-    python data/make_splits.py tickets --stratify category --id-prefix T
-    python data/make_splits.py domains --stratify domain
+    python data/make_splits.py tickets --stratify category --id-prefix T --fields subject body
+    python data/make_splits.py domains --stratify domain --fields id instruction input output
 
-Reads data/<name>/source/*.jsonl, checks every row against the ftnb schema, keeps
+Reads data/<name>/source/*.jsonl, checks every row (each --fields entry a string, each label
+field of data/<name>/labels.json one of its labels), keeps
 near-duplicates (token Jaccard > 0.8) together in one split so none leaks from training into
 evaluation, and writes data/<name>/{train,validation,test}.jsonl (about 70/15/15, seeded).
 """
@@ -16,7 +17,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from ftnb.data import SCHEMAS, Schema, near_duplicates, read_jsonl
+from ftnb.data import Schema, near_duplicates, read_jsonl, read_labels
 
 FRACTIONS = {"train": 0.70, "validation": 0.15, "test": 0.15}
 
@@ -68,13 +69,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("name")
     parser.add_argument("--stratify", required=True)
+    parser.add_argument("--fields", nargs="*", default=[], help="fields every source row must hold as strings")
     parser.add_argument("--id-prefix", help="assign ids PREFIX0001...; default keeps the source ids")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     folder = Path(__file__).parent / args.name
-    schema = SCHEMAS[args.name]
-    source_schema = Schema({k: v for k, v in schema.fields.items() if k != "id" or not args.id_prefix})
-    rows = [row for f in sorted((folder / "source").glob("*.jsonl")) for row in read_jsonl(f, source_schema)]
+    schema = Schema.of(*args.fields, args.stratify).with_labels(read_labels(folder))
+    rows = [row for f in sorted((folder / "source").glob("*.jsonl")) for row in read_jsonl(f, schema)]
     if args.id_prefix:
         random.Random(args.seed).shuffle(rows)
         rows = [{"id": f"{args.id_prefix}{i:04d}", **row} for i, row in enumerate(rows, start=1)]

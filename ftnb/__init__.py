@@ -11,11 +11,11 @@ datasets or papermill (a bare GPU box), and `import ftnb` stays fast.
 import importlib
 
 __version__ = "0.1.0"
-# The GitHub repository the Open-in-Colab badges point to (change it in a fork).
+# The GitHub repository the Open-in-Colab badges and the install cell's clone point to (change it in a fork).
 REPO = "ftnb-course/ftnb"
 
-_SUBMODULES = ("conventions", "data", "env", "estimate", "inference", "memory", "models", "plots",
-               "recipes", "results", "runner", "tasks")
+_SUBMODULES = ("conventions", "data", "env", "estimate", "inference", "install", "memory", "models", "plots",
+               "progress", "results", "runner", "saved", "stats", "tasks")
 
 
 def __getattr__(name: str):

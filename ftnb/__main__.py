@@ -1,7 +1,7 @@
 """Command line: python -m ftnb {run,list,check,env} ...
 
 Usage:
-    python -m ftnb run notebooks/00_quickstart.ipynb --preset smoke -p max_steps 20
+    python -m ftnb run 00_quickstart --preset smoke -p max_steps 20 -p learning_rate 1e-3
     python -m ftnb list                 # notebooks, their presets and parameters
     python -m ftnb check notebooks/*.ipynb
     python -m ftnb env
@@ -12,34 +12,31 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 
 def _run(args) -> int:
-    from ftnb.runner import NotebookFailed, ParameterError, run_notebook
+    from ftnb.runner import NotebookFailed, RunInterrupted, UsageError, run_notebook
 
-    overrides = {key: yaml.safe_load(value) for key, value in args.param}
+    # Values stay strings here: the runner reads each against the type of the parameter's default.
+    overrides = dict(args.param)
     try:
         result = run_notebook(args.notebook, args.preset, overrides, args.output_dir,
-                              cell_timeout=args.cell_timeout)
-    except ParameterError as e:
+                              cell_timeout=args.cell_timeout, force=args.force)
+    except (UsageError, NotebookFailed, RunInterrupted) as e:  # a line to act on, not a traceback
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NotebookFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     print(f"executed notebook: {result.output_notebook}")
     print(f"metrics:           {result.run_dir / 'metrics.json'}")
+    print(f"run record:        {result.run_dir / 'run.json'}")
     return 0
 
 
 def _list(args) -> int:
-    from ftnb.runner import NOTEBOOKS_DIR, notebook_parameters, presets_for
+    from ftnb.runner import NOTEBOOKS_DIR, presets_for, typed_parameters
 
     for nb in sorted(NOTEBOOKS_DIR.glob("*.ipynb")):
-        print(f"{nb.name}  presets: {', '.join(presets_for(nb)) or '-'}")
-        for name, info in notebook_parameters(nb).items():
-            print(f"    {name} = {info['default']}")
+        print(f"{nb.stem}  presets: {', '.join(presets_for(nb)) or '-'}")
+        for p in typed_parameters(nb).values():
+            print(f"    {p.name} = {p.default!r}  ({p.describe_kind()})")
     return 0
 
 
@@ -66,12 +63,21 @@ def _env(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ftnb", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="execute a notebook with papermill")
-    run.add_argument("notebook", type=Path)
+    run = sub.add_parser(
+        "run", help="execute a notebook with papermill",
+        epilog="exit codes: 0 ok, 1 a cell raised, 2 bad input (nothing ran), 3 the kernel died (often out of "
+               "memory), 4 a cell timed out, 130 Ctrl-C, 143 SIGTERM; run.json in the run folder says the same")
+    run.add_argument("notebook", help="a path, or a notebook's name in notebooks/ (00_quickstart, or just 00)")
     run.add_argument("--preset", help="smoke, cpu, t4 or gpu (see notebooks/presets.yaml)")
     run.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                     help="override one parameter; VALUE is read as YAML (3, 1e-4, true, [a, b])")
-    run.add_argument("--output-dir", type=Path, help="default runs/<notebook>/<timestamp>-<preset>")
+                     help="override one parameter; VALUE must fit the type of the parameter's default: "
+                          "3, 1e-4, true, some/model-id, [a, b]")
+    run.add_argument("--output-dir", type=Path,
+                     help="the run folder (default: a new runs/<notebook>/<timestamp>-<preset>); it must be "
+                          "new or empty")
+    run.add_argument("--force", action="store_true",
+                     help="reuse a non-empty --output-dir: its earlier metrics.json, run.json, progress.json "
+                          "and executed notebook are deleted first; other files stay and may be overwritten")
     run.add_argument("--cell-timeout", type=int, help="seconds per cell")
     run.set_defaults(func=_run)
     sub.add_parser("list", help="notebooks, presets and parameters").set_defaults(func=_list)

@@ -1,14 +1,16 @@
-"""Load the project's JSON Lines datasets with a schema check that never drops a row silently.
+"""Load JSON Lines datasets with a schema check that never drops a row silently.
 
 Usage:
-    from ftnb.data import load, token_length_stats
-    ds = load("tickets")                  # DatasetDict(train / validation / test)
-    ds = load("my_folder", schema=TICKETS) # your own data, same checks
+    from ftnb.data import Schema, load, read_labels, token_length_stats
+    ds = load("tickets", schema=Schema.of("subject", "body"))  # DatasetDict(train / validation / test)
+    ds = load("/path/to/my_folder", schema=Schema.of("text"))  # your own data, same checks
+    read_labels("tickets")["category"]                          # {label: definition}, in file order
     token_length_stats(ds["train"], tok, lambda r: r["subject"] + "\\n" + r["body"])
 
-A dataset is a folder `data/<name>/` holding `train.jsonl`, `validation.jsonl` and
-`test.jsonl`. Every line is checked: a malformed line, a missing field, a wrong type or a
-label outside the schema is an error that names the file, the line and the field.
+A dataset is a folder (`data/<name>/` or any path) holding `train.jsonl`, `validation.jsonl` and
+`test.jsonl`, and optionally `labels.json`: `{label_field: {label: definition}}`, the allowed
+labels of each label field. Every line is checked: a malformed line, a missing field, a wrong
+type or a label outside labels.json is an error that names the file, the line and the field.
 """
 from __future__ import annotations
 
@@ -32,34 +34,66 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Schema:
     """Required fields and their type; a field given as a tuple of strings is a label with
-    exactly those allowed values."""
+    exactly those allowed values.
 
-    fields: dict[str, type | tuple[str, ...]]
+    Usage: Schema.of("text", "intent"); Schema({"id": str, "label": ("yes", "no")})
+    """
+
+    fields: dict[str, type | tuple[str, ...]] = field(default_factory=dict)
     optional: dict[str, type] = field(default_factory=dict)
 
-    def labels(self, name: str) -> tuple[str, ...]:
-        allowed = self.fields[name]
-        if not isinstance(allowed, tuple):
-            raise KeyError(f"field '{name}' is not a label field")
-        return allowed
+    @classmethod
+    def of(cls, *names: str) -> Schema:
+        """Every named field is required and holds a string."""
+        return cls(dict.fromkeys(names, str))
 
+    def with_labels(self, labels: dict[str, dict[str, str]]) -> Schema:
+        """This schema plus one required label field per entry of `labels` (as read_labels returns)."""
+        return Schema({**self.fields, **{name: tuple(defined) for name, defined in labels.items()}}, self.optional)
 
-TICKET_CATEGORIES = ("billing", "refund", "account_access", "technical_issue", "shipping",
-                     "product_question", "cancellation", "feedback")
-TICKET_PRIORITIES = ("low", "normal", "high", "urgent")
-DOMAINS = ("legal", "medical", "technical")
-
-SCHEMAS: dict[str, Schema] = {
-    "tickets": Schema({"id": str, "subject": str, "body": str,
-                       "category": TICKET_CATEGORIES, "priority": TICKET_PRIORITIES}),
-    "domains": Schema({"id": str, "domain": DOMAINS, "instruction": str, "input": str,
-                       "output": str}),
-}
+LABELS_FILE = "labels.json"
 
 
 def data_dir() -> Path:
     """Where project datasets live: $FTNB_DATA or the repository's data/ folder."""
     return Path(os.environ.get("FTNB_DATA", REPO_ROOT / "data"))
+
+
+def dataset_folder(name_or_dir: str | Path) -> Path:
+    """A dataset folder: `name_or_dir` itself when it is a folder, else data_dir() / name.
+
+    Usage: dataset_folder("tickets"); dataset_folder("/home/me/my_tickets")
+    """
+    folder = Path(name_or_dir)
+    if folder.is_dir():
+        return folder
+    if (data_dir() / str(name_or_dir)).is_dir():
+        return data_dir() / str(name_or_dir)
+    known = sorted(p.name for p in data_dir().iterdir() if p.is_dir()) if data_dir().is_dir() else []
+    raise DataError(f"no dataset folder '{name_or_dir}': not a folder, and not a name under {data_dir()} "
+                    f"(known: {', '.join(known) or 'none'})")
+
+
+def read_labels(name_or_dir: str | Path) -> dict[str, dict[str, str]]:
+    """The folder's labels.json, {label_field: {label: definition}} in file order (the order
+    fixes the label ids); {} when the folder has none. A definition may be "".
+
+    Usage: list(read_labels("tickets")["category"])  -> ['billing', 'refund', ...]
+    """
+    path = dataset_folder(name_or_dir) / LABELS_FILE
+    if not path.exists():
+        return {}
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    expected = 'expected {"label_field": {"label": "definition", ...}, ...}'
+    if not isinstance(labels, dict):
+        raise DataError(f"{path}: {expected}")
+    for name, defined in labels.items():
+        if not (isinstance(defined, dict) and defined and all(isinstance(v, str) for v in defined.values())):
+            raise DataError(f"{path}: field '{name}' should map each label to its definition (a string); {expected}")
+    return labels
 
 
 def _check_row(row: object, schema: Schema, where: str) -> dict:
@@ -103,15 +137,16 @@ def read_jsonl(path: str | Path, schema: Schema) -> list[dict]:
 
 def load(name_or_dir: str | Path, schema: Schema | None = None,
          splits: tuple[str, ...] = SPLITS) -> DatasetDict:
-    """Load `data/<name>/` (or any folder of <split>.jsonl files) as a checked DatasetDict."""
-    folder = Path(name_or_dir)
-    if not folder.is_dir():
-        folder = data_dir() / str(name_or_dir)
-    if schema is None:
-        if folder.name not in SCHEMAS:
-            raise DataError(f"no schema known for '{folder.name}'; pass schema=Schema(...) "
-                            f"(known: {', '.join(SCHEMAS)})")
-        schema = SCHEMAS[folder.name]
+    """Load `data/<name>/` (or any folder of <split>.jsonl files) as a checked DatasetDict.
+
+    `schema` names the fields your code needs; the label fields of the folder's labels.json are
+    added to it, so every label is checked against the allowed ones. Ids, where rows have them,
+    must be unique across splits.
+
+    Usage: load("domains", schema=Schema.of("id", "domain", "instruction", "input", "output"))
+    """
+    folder = dataset_folder(name_or_dir)
+    schema = (schema or Schema()).with_labels(read_labels(folder))
     missing = [s for s in splits if not (folder / f"{s}.jsonl").exists()]
     if missing:
         raise DataError(f"{folder}: missing split file(s) {', '.join(m + '.jsonl' for m in missing)}")

@@ -20,14 +20,15 @@ the config file only), so it works for a 70B model on a laptop. What is modelled
   optimizer state (AdamW: two fp32 moments; 8-bit AdamW: two 1-byte moments; paged 8-bit AdamW
   lives in CUDA unified memory, outside the allocator; SGD: none);
 * activations saved for backward, per layer and token, for Llama-style (gated MLP) and BERT-style
-  blocks; eager attention also keeps batch x heads x seq x seq probabilities, SDPA does not;
+  blocks; eager attention also keeps batch x heads x seq x seq probabilities, SDPA does not,
+  except on CPU with attention dropout (BERT), where torch falls back to its math path;
   gradient checkpointing keeps one hidden state per layer plus one recomputed layer;
 * the loss: logits batch x seq x vocab, upcast to fp32, the log-softmax the cross-entropy saves
   and the two gradients of the same size in backward: 12-16 bytes per token per vocabulary entry,
   which is what dominates a small model with a 49k vocabulary;
 * fixed costs: the CUDA context (not visible to torch's allocator) or, on CPU, the resident memory
   of a Python process with torch and transformers imported, the checkpoint file pages that stay
-  mapped, and glibc's heap overhead (see CPU_HEAP_OVERHEAD).
+  mapped, and glibc's heap overhead. Every fitted number sits in `Calibration`, with where it came from.
 """
 from __future__ import annotations
 
@@ -50,21 +51,48 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
 QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
-# Fixed overheads, measured (see benchmarks/README.md):
-CUDA_CONTEXT = 450 * MIB  # CUDA context + kernels of torch/bnb; nvidia-smi sees it, torch's allocator does not
-CUDA_FRAGMENTATION = 0.05  # reserved/allocated of the caching allocator in these training loops
-CPU_PROCESS_BASELINE = 500 * MIB  # RSS of python with torch + transformers + peft + bitsandbytes imported
-# glibc serves tensors below its mmap threshold (which grows to 32 MiB after the first large free)
-# from heaps it does not return to the OS between steps. The forward pass creates every layer's
-# activations; with checkpointing most are freed at once, but the small tensors kept in between
-# (checkpoints, LoRA outputs) pin the heap they grew, and freed holes are only partly reused. So
-# on CPU the peak RSS exceeds the live bytes by about CPU_HEAP_OVERHEAD x the activations the
-# forward pass creates (all layers, checkpointed or not). Measured once on SmolLM2-135M (fp32 LoRA,
-# batch 4 x 128, 2 threads) as the difference between the default allocator and
-# MALLOC_MMAP_THRESHOLD_=65536 (every tensor mmapped and returned at free; there the live-bytes
-# model matched the peak within 5%): 0.87x without checkpointing, 0.75x with it.
-CPU_HEAP_OVERHEAD = 0.8
 
+@dataclass(frozen=True)
+class Calibration:
+    """Every number in this module that was fitted to a measurement rather than derived from shapes
+    and dtypes. Everything else (weights, LoRA state, saved activations, the loss's tensors) is
+    arithmetic on the config. The constants below were set while comparing with the "fitted" set
+    of benchmarks/memory_estimates.json (15 CPU configurations of SmolLM2-135M) and the 8 H200 runs
+    of benchmarks/gpu_qlora_h200.json; the "held_out" set in the same JSON played no part.
+    One mechanism, rather than a number, was also added after measuring the fitted CPU set: on CPU
+    the optimizer state is born inside the heap glibc kept from the first backward pass (see
+    `estimate_training_memory`).
+    """
+
+    # CUDA context with the kernels of torch and bitsandbytes loaded: nvidia-smi sees it, torch's
+    # allocator does not. A typical figure for CUDA 12 (300-500 MiB by GPU and driver), NOT measured
+    # here: gpu_qlora_h200.json records only torch's allocator.
+    cuda_context_bytes: int = 450 * MIB
+    # Caching allocator: reserved over allocated peak. gpu_qlora_h200.json, 8 runs: 4% to 20%,
+    # median 10% (the checkpointed runs 11-20%); `fits()` adds it to the allocated bytes.
+    cuda_fragmentation: float = 0.10
+    # RSS of Python with torch, transformers, peft and bitsandbytes imported, before any model:
+    # measured 497 MiB on the 2-core development machine (171 MiB of it shared libraries).
+    cpu_process_baseline_bytes: int = 500 * MIB
+    # glibc serves tensors below its mmap threshold (which grows to 32 MiB after the first large
+    # free) from heaps it does not return to the OS between steps, and freed holes are only partly
+    # reused, so on CPU the peak RSS exceeds the live bytes by about this fraction of the
+    # activations the forward pass creates (all layers, checkpointed or not). Measured once on
+    # SmolLM2-135M (fp32 LoRA, batch 4 x 128, 2 threads) as the difference between the default
+    # allocator and MALLOC_MMAP_THRESHOLD_=65536 (every tensor mmapped and returned at free; there
+    # the live-bytes model matched the peak within 5%): 0.87 without checkpointing, 0.75 with it.
+    cpu_heap_overhead: float = 0.8
+    # Gradient flowing back through one block: this many hidden-sized fp32 buffers plus one
+    # intermediate-sized one, alive next to the saved activations. A rough count, not derived from
+    # autograd exactly; it was in the model while the numbers above were compared with the fitted sets.
+    backward_hidden_buffers: int = 3
+
+
+CALIBRATION = Calibration()
+
+# glibc's largest dynamic mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX): a larger allocation
+# is always its own mapping, returned to the OS when freed
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MIB
 BLOCK_4BIT, BLOCK_NESTED = 64, 256  # bitsandbytes: weights per absmax; absmax per 2nd-level scale
 _ALIASES = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "c_attn": "q_proj"}
 
@@ -92,6 +120,7 @@ class ModelShape:
     tie_word_embeddings: bool
     gated_mlp: bool  # Llama/Mistral/Qwen: gate, up, down; BERT/GPT-2: up, down
     checkpoint_dtype: str = "float32"
+    attention_dropout: float = 0.0  # BERT: 0.1; Llama-style configs: 0.0
 
     @classmethod
     def from_config(cls, config: Any, name: str = "") -> "ModelShape":
@@ -108,7 +137,8 @@ class ModelShape:
             intermediate_size=c.get("intermediate_size") or c.get("n_inner") or 4 * hidden,
             tie_word_embeddings=c.get("tie_word_embeddings", True),
             gated_mlp=model_type not in ("bert", "roberta", "distilbert", "gpt2", "xlm-roberta"),
-            checkpoint_dtype=dtype if dtype in DTYPE_BYTES else "float32")
+            checkpoint_dtype=dtype if dtype in DTYPE_BYTES else "float32",
+            attention_dropout=c.get("attention_probs_dropout_prob", c.get("attention_dropout")) or 0.0)
 
     def linears(self) -> list[tuple[str, int, int]]:
         """(name, in_features, out_features) of the linear layers of one block."""
@@ -252,10 +282,26 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, batch_size: int, seq_
             kept_shared.setdefault(shared[name], width * inputs[name][1])
     saved += sum(v for k, v in kept_shared.items() if k in ("attn_in", "mlp_in", "mlp_mid"))
     # the attention output is already counted; "attn_out" adds nothing
-    per_token = saved * tokens
-    if attn_implementation == "eager":  # softmax probabilities, fp32, plus a copy in the compute dtype
-        per_token += batch_size * shape.num_heads * seq_len * seq_len * (4 + (cd if cd < 4 else 0))
-    return per_token
+    return saved * tokens
+
+
+def attention_probability_bytes(shape: ModelShape, batch_size: int, seq_len: int, *, compute_bytes: int,
+                                attn_implementation: str, device: str) -> tuple[int, int]:
+    """(bytes one layer keeps, size of the largest such tensor) of batch x heads x seq x seq
+    attention probabilities saved for backward; (0, 0) when the kernel never materialises them.
+
+    Eager attention keeps the fp32 softmax plus its copy in the compute dtype. SDPA's fused kernels
+    keep none, except on CPU with attention dropout (BERT-style configs): torch has no fused CPU
+    kernel with dropout, and its math path keeps the softmax output, the dropout mask (in the
+    compute dtype) and the dropped probabilities.
+    Usage: attention_probability_bytes(model_shape("minilm-l6"), 16, 128, compute_bytes=4,
+                                       attn_implementation="sdpa", device="cpu")"""
+    elements = batch_size * shape.num_heads * seq_len * seq_len
+    if attn_implementation == "eager":
+        return elements * (4 + (compute_bytes if compute_bytes < 4 else 0)), elements * 4
+    if device == "cpu" and shape.attention_dropout > 0:
+        return elements * 3 * compute_bytes, elements * compute_bytes
+    return 0, 0
 
 
 # ---------------------------------------------------------------- the estimate
@@ -284,8 +330,11 @@ class MemoryEstimate:
     needs; `allocated_bytes` leaves out the fixed overheads torch's allocator does not see."""
 
     rows: list[dict]
-    settings: dict
+    settings: dict  # every setting as resolved (defaults filled in), for display
     kind: str  # "training" or "inference"
+    # the arguments of the call as the caller gave them (only `device` resolved), so that a
+    # suggestion re-estimates with one change and re-derives every default that depends on it
+    arguments: dict = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -323,7 +372,7 @@ class MemoryEstimate:
 
     def fits(self, device: str | float = "current") -> Fit:
         """Whether this fits `device`: a name from GPUS, "current", or a number of bytes.
-        When it does not, lists the first changes to make, each re-estimated."""
+        When it does not, lists the usual changes, each re-estimated on its own."""
         name, available = _device_memory(device)
         fit = Fit(name, self.total_bytes <= available, self.total_bytes, available)
         if not fit.fits:
@@ -331,39 +380,55 @@ class MemoryEstimate:
         return fit
 
     def suggestions(self, available: float) -> list[str]:
-        """The usual first moves, in order, each with its new estimate; cumulative."""
+        """The usual first moves, in order, each a fresh estimate of the original arguments with
+        that one change; then, if none fits alone, all of them together.
+        Usage: estimate_training_memory("llama-3.1-8b", "none", device="cuda").suggestions(GPUS["T4 16 GB"])"""
         if self.kind != "training":
             return ["use a 4-bit model (quantization='nf4')", "shorten the sequence or the batch"]
-        settings = {k: v for k, v in self.settings.items() if k != "model"}
-        out: list[str] = []
-        moves = [("gradient_checkpointing", True, "turn on gradient checkpointing"),
-                 ("micro_batch", None, "halve the micro-batch and double gradient accumulation"),
-                 ("optimizer", "paged_adamw_8bit" if settings["device"] == "cuda" else "adamw_8bit",
-                  "use an 8-bit optimizer"),
-                 ("seq_len", None, "halve the sequence length (truncate or pack shorter examples)"),
-                 ("quantization", "nf4", "load the base model in 4-bit NF4")]
-        for key, value, text in moves:
-            if key == "micro_batch":
-                while settings["batch_size"] > 1:
-                    settings["batch_size"] //= 2
-                    settings["grad_accumulation"] = settings.get("grad_accumulation", 1) * 2
-                    new = estimate_training_memory(**settings)
-                    out.append(f"{text}: batch {settings['batch_size']} x accumulation "
-                               f"{settings['grad_accumulation']} -> {new.total_bytes / GIB:.2f} GiB")
-                    if new.total_bytes <= available:
-                        return out
-                continue
-            if key == "seq_len":
-                value = max(settings["seq_len"] // 2, 1)
-            if settings[key] == value:
-                continue
-            settings[key] = value
-            new = estimate_training_memory(**settings)
-            out.append(f"{text} -> {new.total_bytes / GIB:.2f} GiB")
-            if new.total_bytes <= available:
+        out, combined = [], {}
+        for text, change in self._single_moves(available):
+            needed = estimate_training_memory(**{**self.arguments, **change}).total_bytes
+            out.append(f"{text} -> {needed / GIB:.2f} GiB" + (" (fits)" if needed <= available else ""))
+            combined.update(change)
+            if needed <= available:
+                return out
+        if combined:
+            together = estimate_training_memory(**{**self.arguments, **combined}).total_bytes
+            out.append(f"all of the above together -> {together / GIB:.2f} GiB"
+                       + (" (fits)" if together <= available else ""))
+            if together <= available:
                 return out
         out.append("still too large: pick a smaller model or a larger GPU")
         return out
+
+    def _single_moves(self, available: float) -> list[tuple[str, dict]]:
+        """(description, change of arguments) of each move that applies to these settings."""
+        s, moves = self.settings, []
+        if not s["gradient_checkpointing"]:
+            moves.append(("turn on gradient checkpointing", {"gradient_checkpointing": True}))
+        if s["batch_size"] > 1:
+            moves.append(self._micro_batch_move(available))
+        eight_bit = "paged_adamw_8bit" if s["device"] == "cuda" else "adamw_8bit"
+        if s["optimizer"] == "adamw":
+            moves.append((f"use an 8-bit optimizer ({eight_bit})", {"optimizer": eight_bit}))
+        if s["seq_len"] > 1:
+            shorter = s["seq_len"] // 2
+            moves.append((f"halve the sequence length to {shorter} (truncate or pack shorter examples)",
+                          {"seq_len": shorter}))
+        if s["quantization"] in ("none", "int8"):
+            moves.append(("load the base model in 4-bit NF4", {"quantization": "nf4"}))
+        return moves
+
+    def _micro_batch_move(self, available: float) -> tuple[str, dict]:
+        """Halve the micro-batch (doubling accumulation) until it fits, or down to 1."""
+        batch, accumulation = self.settings["batch_size"], self.settings["grad_accumulation"]
+        while batch > 1:
+            batch, accumulation = batch // 2, accumulation * 2
+            change = {"batch_size": batch, "grad_accumulation": accumulation}
+            if estimate_training_memory(**{**self.arguments, **change}).total_bytes <= available:
+                break
+        return (f"halve the micro-batch and double gradient accumulation: batch {batch} x accumulation "
+                f"{accumulation}", change)
 
 
 def _device_memory(device: str | float) -> tuple[str, float]:
@@ -428,8 +493,8 @@ def _row(group: str, component: str, nbytes: float) -> dict:
 
 def _fixed_rows(device: str, process_baseline_bytes: int | None) -> list[dict]:
     if device == "cuda":
-        return [_row("fixed", "CUDA context and kernels (outside torch's allocator)", CUDA_CONTEXT)]
-    baseline = CPU_PROCESS_BASELINE if process_baseline_bytes is None else process_baseline_bytes
+        return [_row("fixed", "CUDA context and kernels (outside torch's allocator)", CALIBRATION.cuda_context_bytes)]
+    baseline = CALIBRATION.cpu_process_baseline_bytes if process_baseline_bytes is None else process_baseline_bytes
     return [_row("fixed", "Python process with torch/transformers imported (RSS)", baseline)]
 
 
@@ -437,9 +502,11 @@ def _overhead_row(device: str, rows: list[dict], created_bytes: int) -> dict:
     """Allocator overhead: CUDA caching-allocator fragmentation, or glibc heap kept on CPU."""
     if device == "cuda":
         allocated = sum(r["bytes"] for r in rows if r["group"] != "fixed")
-        return _row("fixed", f"caching allocator fragmentation ({CUDA_FRAGMENTATION:.0%})", allocated * CUDA_FRAGMENTATION)
-    return _row("fixed", f"glibc heap kept ({CPU_HEAP_OVERHEAD:.0%} of the activations the forward pass creates)",
-                created_bytes * CPU_HEAP_OVERHEAD)
+        fragmentation = CALIBRATION.cuda_fragmentation
+        return _row("fixed", f"caching allocator fragmentation ({fragmentation:.0%})", allocated * fragmentation)
+    heap = CALIBRATION.cpu_heap_overhead
+    return _row("fixed", f"glibc heap kept ({heap:.0%} of the activations the forward pass creates)",
+                created_bytes * heap)
 
 
 def estimate_training_memory(
@@ -460,8 +527,10 @@ def estimate_training_memory(
     `grad_accumulation` > 1 keeps the LoRA gradients alive through the next forward pass.
     `device`: "cpu" or "cuda" (default: this machine); decides the fixed overheads.
     """
+    arguments = dict(locals())  # the call as given, before anything below resolves a default
     shape = model_shape(config_or_name)
-    device = device or _default_device()
+    device = arguments["device"] = device or _default_device()
+    arguments["config_or_name"] = shape  # read the config once
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {optimizer!r}")
     if attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
@@ -472,7 +541,7 @@ def estimate_training_memory(
     cd = _dtype_bytes(compute_dtype)
     kbit_prepare = quantization != "none" if kbit_prepare is None else kbit_prepare
     float_bytes = 4 if kbit_prepare else cd
-    settings = dict(config_or_name=shape, model=shape.name, quantization=quantization, double_quant=double_quant,
+    settings = dict(model=shape.name, quantization=quantization, double_quant=double_quant,
                     lora_r=lora_r, lora_targets=lora_targets, batch_size=batch_size, seq_len=seq_len,
                     gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
                     compute_dtype=str(compute_dtype).replace("torch.", ""), attn_implementation=attn_implementation,
@@ -498,6 +567,9 @@ def estimate_training_memory(
         shape, tokens, batch_size, seq_len, compute_bytes=cd, fp32_norm_weights=float_bytes == 4,
         targets=targets, lora_r=lora_r, lora_dropout=lora_dropout, attn_implementation=attn_implementation,
         padded=padded, quantization=quantization)
+    probabilities, largest = attention_probability_bytes(shape, batch_size, seq_len, compute_bytes=cd,
+                                                         attn_implementation=attn_implementation, device=device)
+    one_layer += probabilities
     # the residual stream is fp32 when the embeddings were upcast (kbit preparation)
     hidden_state = tokens * shape.hidden_size * (4 if float_bytes == 4 else cd)
     if gradient_checkpointing:
@@ -507,7 +579,8 @@ def estimate_training_memory(
     else:
         rows.append(_row("activations", f"saved for backward ({shape.num_layers} layers)", shape.num_layers * one_layer))
     # gradient flowing back through a block: a few hidden-sized and one intermediate-sized buffer
-    rows.append(_row("activations", "backward gradient buffers", tokens * (3 * shape.hidden_size + shape.intermediate_size) * 4))
+    buffer_width = CALIBRATION.backward_hidden_buffers * shape.hidden_size + shape.intermediate_size
+    rows.append(_row("activations", "backward gradient buffers", tokens * buffer_width * 4))
     if task == "causal-lm":
         rows.append(_row("loss", f"logits + log-softmax + grads ({tokens:,} tokens x {shape.vocab_size:,} vocab)",
                          logits_bytes(batch_size, seq_len, shape.vocab_size)))
@@ -519,7 +592,9 @@ def estimate_training_memory(
     if quantization != "none":
         biggest = max(i * o for _, i, o in shape.linears())
         rows.append(_row("activations", "dequantised weight of the largest layer (transient)", biggest * cd))
-    heap = _overhead_row(device, rows, shape.num_layers * one_layer)
+    # tensors above glibc's mmap threshold are mapped and unmapped on their own, never kept in a heap
+    heaped = one_layer - (probabilities if largest >= GLIBC_MMAP_THRESHOLD_MAX else 0)
+    heap = _overhead_row(device, rows, shape.num_layers * heaped)
     rows.append(heap)
     if device == "cpu":
         # The optimizer state (and accumulated gradients) are first allocated after the first
@@ -529,7 +604,7 @@ def estimate_training_memory(
         # AdamW peaked within 80 MiB of each other (benchmarks/README.md).
         reused = min(grad_bytes + n_lora * state_bytes, heap["bytes"])
         rows.append(_row("fixed", "minus: gradients and optimizer state created inside that heap", -reused))
-    return MemoryEstimate(rows, settings, "training")
+    return MemoryEstimate(rows, settings, "training", arguments)
 
 
 def estimate_inference_memory(
@@ -565,11 +640,12 @@ def measure_training_peak(model: str = "smollm2-135m-instruct", *, quantization:
                           double_quant: bool = True, lora_r: int = 8, batch_size: int = 4, seq_len: int = 128,
                           gradient_checkpointing: bool = True, optimizer: str = "adamw",
                           compute_dtype: str | None = None, lora_dropout: float = 0.05, steps: int = 2,
-                          fresh_process: bool = True) -> dict:
+                          task: str = "causal-lm", num_labels: int = 2, fresh_process: bool = True) -> dict:
     """Run `steps` real LoRA/QLoRA training steps and return measured peak memory and step time
     next to `estimate_training_memory`'s prediction for the same settings.
 
     Usage: measure_training_peak(quantization="nf4", batch_size=2, seq_len=64)
+    `task="seq-cls"` trains a classifier (random labels among `num_labels`) instead of a causal LM.
     With `fresh_process` (default) the steps run in a new Python process: on CPU the resident-set
     high-water mark cannot be lowered below what glibc kept from earlier work, so measuring a
     second configuration in the same process would report the larger of the two. Measured: on
@@ -578,7 +654,8 @@ def measure_training_peak(model: str = "smollm2-135m-instruct", *, quantization:
     """
     settings = dict(model=model, quantization=quantization, double_quant=double_quant, lora_r=lora_r,
                     batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
-                    optimizer=optimizer, compute_dtype=compute_dtype, lora_dropout=lora_dropout, steps=steps)
+                    optimizer=optimizer, compute_dtype=compute_dtype, lora_dropout=lora_dropout, steps=steps,
+                    task=task, num_labels=num_labels)
     if fresh_process:
         import json
         import os
@@ -595,8 +672,8 @@ def measure_training_peak(model: str = "smollm2-135m-instruct", *, quantization:
         measured = _measure_here(**settings)
     est = estimate_training_memory(
         model, quantization, double_quant, lora_r, "all-linear", batch_size, seq_len, gradient_checkpointing,
-        optimizer, measured["compute_dtype"], "sdpa", lora_dropout=lora_dropout, padded=False,
-        device=measured["device"])
+        optimizer, measured["compute_dtype"], "sdpa", task, lora_dropout=lora_dropout, num_labels=num_labels,
+        padded=False, device=measured["device"])
     predicted = est.total_bytes if measured["device"] == "cpu" else est.allocated_bytes
     return {**settings, **measured, "predicted_peak_mib": predicted / MIB,
             "predicted_by_group_mib": {k: round(v / MIB, 1) for k, v in est.bytes_by_group().items()},
@@ -605,7 +682,7 @@ def measure_training_peak(model: str = "smollm2-135m-instruct", *, quantization:
 
 def _measure_here(model: str, quantization: str, double_quant: bool, lora_r: int, batch_size: int, seq_len: int,
                   gradient_checkpointing: bool, optimizer: str, compute_dtype: str | None, lora_dropout: float,
-                  steps: int) -> dict:
+                  steps: int, task: str = "causal-lm", num_labels: int = 2) -> dict:
     """The measurement itself, in this process: load, prepare, LoRA, `steps` steps on random tokens
     (no padding) inside a probe. The first step is included: it creates the optimizer state."""
     import time
@@ -621,7 +698,8 @@ def _measure_here(model: str, quantization: str, double_quant: bool, lora_r: int
     torch.manual_seed(0)
     dtype = getattr(torch, compute_dtype) if compute_dtype else pick_dtype()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = load_model(model, quantization=quantization, double_quant=double_quant, dtype=dtype)
+    classifier = dict(num_labels=num_labels, pad_token_id=0) if task == "seq-cls" else {}  # id 0 never drawn below
+    net = load_model(model, task, quantization=quantization, double_quant=double_quant, dtype=dtype, **classifier)
     checkpointing = {"use_reentrant": False}  # what the Trainer ends up with (transformers' default)
     if quantization != "none":
         net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=gradient_checkpointing,
@@ -630,7 +708,8 @@ def _measure_here(model: str, quantization: str, double_quant: bool, lora_r: int
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     net.config.use_cache = False
     net = get_peft_model(net, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout,
-                                         target_modules="all-linear", task_type="CAUSAL_LM"))
+                                         target_modules="all-linear",
+                                         task_type="SEQ_CLS" if task == "seq-cls" else "CAUSAL_LM"))
     params = [p for p in net.parameters() if p.requires_grad]
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=1e-3)
@@ -640,14 +719,15 @@ def _measure_here(model: str, quantization: str, double_quant: bool, lora_r: int
         import bitsandbytes as bnb
 
         opt = (bnb.optim.PagedAdamW8bit if optimizer.startswith("paged") else bnb.optim.AdamW8bit)(params, lr=1e-4)
-    batch = torch.randint(0, net.config.vocab_size, (batch_size, seq_len), device=net.device)
+    batch = torch.randint(1, net.config.vocab_size, (batch_size, seq_len), device=net.device)
+    labels = torch.randint(0, num_labels, (batch_size,), device=net.device) if task == "seq-cls" else batch
     net.train()
     times = []
     with probe("training steps") as rec:
         for _ in range(steps):
             start = time.perf_counter()
             with torch.autocast(device, dtype=dtype, enabled=device == "cuda" and dtype != torch.float32):
-                loss = net(input_ids=batch, labels=batch).loss  # logits dropped at once, as in the Trainer
+                loss = net(input_ids=batch, labels=labels).loss  # logits dropped at once, as in the Trainer
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

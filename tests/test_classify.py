@@ -1,8 +1,5 @@
-"""ftnb.tasks.classify: formatting, labels, metrics, zero-shot scoring, and the saved classifier
-(trained for a few steps on tiny-llama-test, reloaded in a fresh process)."""
-import json
-import subprocess
-import sys
+"""ftnb.tasks.classify: formatting, labels, metrics, zero-shot scoring, and the classifier
+(trained for a few steps on tiny-llama-test; its save and fresh-process reload: tests/test_saved.py)."""
 import warnings
 
 import numpy as np
@@ -12,10 +9,11 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import DataCollatorWithPadding, TrainingArguments
 
+from ftnb.data import read_labels
 from ftnb.tasks import classify
 from ftnb.models import load_model, load_tokenizer
 
-LABELS = list(classify.LABELS["category"])
+LABELS = list(read_labels("tickets")["category"])
 TICKETS = [
     {"subject": "Charged twice", "body": "Invoice INV-1 shows two charges for May.", "category": "billing"},
     {"subject": "Money back please", "body": "I want my 49 euros back for the headset.", "category": "refund"},
@@ -28,31 +26,53 @@ TICKETS = [
 ]
 
 
-def test_ticket_text_formats_and_passes_strings_through():
-    assert classify.ticket_text({"subject": "Hi", "body": "Body"}) == "Hi\n\nBody"
-    assert classify.ticket_text({"subject": "Only subject", "body": ""}) == "Only subject"
-    assert classify.ticket_text("plain text") == "plain text"
-    with pytest.raises(TypeError, match="subject"):
-        classify.ticket_text({"text": "no subject or body"})
+def test_record_text_formats_and_passes_strings_through():
+    assert classify.record_text({"subject": "Hi", "body": "Body"}) == "Hi\n\nBody"
+    assert classify.record_text({"subject": "Only subject", "body": ""}) == "Only subject"
+    assert classify.record_text("plain text") == "plain text"
+    assert classify.record_text({"title": "T", "text": " x ", "id": 3}, text_fields=["text", "title"]) == "x\n\nT"
+    with pytest.raises(ValueError, match=r"no field 'subject' \(fields found: \['text'\]\); set text_fields"):
+        classify.record_text({"text": "no subject or body"})
+    with pytest.raises(TypeError, match="a record is a dict"):
+        classify.record_text(42)
+
+
+def test_labels_come_from_labels_json_else_from_training_values(tmp_path):
+    train = Dataset.from_list([{"text": "a", "intent": "greet"}, {"text": "b", "intent": "book"},
+                               {"text": "c", "intent": "greet"}])
+    assert classify.labels_for("intent", train) == ["book", "greet"]  # no labels file: sorted values
+    (tmp_path / "labels.json").write_text('{"intent": {"greet": "says hello", "book": "", "cancel": "x"}}')
+    assert classify.labels_for("intent", train, tmp_path) == ["greet", "book", "cancel"]  # file order
+    assert classify.labels_for("category", Dataset.from_list(TICKETS), "tickets") == LABELS
+    with pytest.raises(ValueError, match="label_field 'urgency' is not a field of the data; fields: text, intent"):
+        classify.labels_for("urgency", train, tmp_path)
 
 
 def test_unknown_label_is_a_clear_error():
     bad = Dataset.from_list([dict(TICKETS[0], priority="low"), dict(TICKETS[1], category="refnud", priority="low")])
     tok = load_tokenizer("tiny-llama-test")
     with pytest.raises(ValueError, match=r"row 1: unknown label 'refnud'; allowed: billing"):
-        classify.tokenize_split(bad, tok, "category", max_length=32)
-    with pytest.raises(ValueError, match="label_field must be one of"):
-        classify.labels_for("urgency")
+        classify.tokenize_split(bad, tok, "category", LABELS, max_length=32)
 
 
-def test_long_tickets_are_truncated_with_a_warning():
-    tok = load_tokenizer("tiny-llama-test")
-    with pytest.warns(UserWarning, match=r"1 of 2 ticket\(s\) longer than max_length=16"):
-        enc = classify.encode(tok, ["short", "word " * 100_000], max_length=16)
-    assert [len(x) for x in enc["input_ids"]] == [1, 16]
+@pytest.mark.parametrize("model", ["minilm-l6", "tiny-llama-test"])
+def test_long_tickets_are_truncated_with_a_warning(model):
+    """The tokenizer's own truncation: an encoder's input still ends with [SEP] (MiniLM), a decoder's
+    is the first max_length tokens. A text cut by the character cap counts as cut even when its
+    remaining characters fit (100 000 x: one [UNK] for MiniLM)."""
+    tok = load_tokenizer(model)
+    texts = ["Charged twice", "word " * 300, "Where is my parcel?", "x" * 100_000]
+    with pytest.warns(UserWarning, match=r"2 of 4 text\(s\) longer than max_length=16 tokens were truncated"):
+        enc = classify.encode(tok, texts, max_length=16)
+    whole = tok(texts[:3])["input_ids"]
+    closing = [tok.sep_token_id] if tok.sep_token_id is not None else []
+    assert enc["input_ids"][0] == whole[0] and enc["input_ids"][2] == whole[2]  # short: untouched
+    assert enc["input_ids"][1] == whole[1][:16 - len(closing)] + closing
+    assert [len(m) for m in enc["attention_mask"]] == [len(ids) for ids in enc["input_ids"]]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        classify.encode(tok, ["short"], max_length=16)  # nothing to warn about
+        exactly_16 = "word " * next(n for n in range(30) if len(tok("word " * n)["input_ids"]) == 16)
+        classify.encode(tok, ["short", exactly_16], max_length=16)  # fits: nothing to warn about
 
 
 def test_class_weights_are_balanced():
@@ -60,6 +80,51 @@ def test_class_weights_are_balanced():
     assert torch.allclose(w, torch.tensor([4 / 6, 2.0]))
     with pytest.raises(ValueError, match="never occur"):
         classify.class_weights([0, 0], 2)
+
+
+def _one_sgd_step(model, data, tok, out, batch_size: int, accumulation: int, weights):
+    """One optimizer step of plain SGD (lr 1, no clipping, data in order): the parameter change is
+    minus the gradient. Returns the logged training loss."""
+    args = TrainingArguments(output_dir=str(out), max_steps=1, per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=1.0,
+                             lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                             train_sampling_strategy="sequential", report_to="none", save_strategy="no",
+                             disable_tqdm=True, use_cpu=True)
+    trainer = classify.WeightedTrainer(model=model, args=args, train_dataset=data,
+                                       data_collator=DataCollatorWithPadding(tok), class_weights=weights)
+    return trainer.train().training_loss
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_loss_is_the_same_with_gradient_accumulation(tmp_path, weighted):
+    """1 x 8 and 2 x 4 must both take the step of the (weighted) mean over all 8 tickets, and log
+    its loss. Weighted, the two halves carry different total weight, so averaging the halves' means
+    would not do; unweighted, transformers' own classification loss comes out twice too large."""
+    import copy
+
+    tok = load_tokenizer("tiny-llama-test")
+    torch.manual_seed(0)
+    start = load_model("tiny-llama-test", task="seq-cls", dtype=torch.float32, num_labels=len(LABELS), tokenizer=tok)
+    data = classify.tokenize_split(Dataset.from_list(TICKETS), tok, "category", LABELS, max_length=32)
+    # labels 0-3 in the first half, 4-7 in the second
+    weights = torch.linspace(0.25, 4.0, len(LABELS)) if weighted else None
+
+    reference = copy.deepcopy(start)
+    batch = DataCollatorWithPadding(tok)([{k: data[i][k] for k in ("input_ids", "attention_mask")}
+                                          for i in range(len(data))])
+    logits = reference(**batch).logits
+    expected_loss = torch.nn.functional.cross_entropy(logits, torch.tensor(data["labels"]), weight=weights)
+    expected_loss.backward()
+    expected_step = {name: -p.grad for name, p in reference.named_parameters() if p.grad is not None}
+
+    for batch_size, accumulation in [(8, 1), (4, 2)]:
+        model = copy.deepcopy(start)
+        loss = _one_sgd_step(model, data, tok, tmp_path / f"{accumulation}", batch_size, accumulation, weights)
+        assert loss == pytest.approx(expected_loss.item(), rel=1e-6), (batch_size, accumulation)
+        before = dict(start.named_parameters())
+        for name, param in model.named_parameters():
+            step = param.detach() - before[name].detach()
+            assert torch.allclose(step, expected_step[name], atol=1e-6), (batch_size, accumulation, name)
 
 
 def test_metrics_and_calibration():
@@ -78,7 +143,7 @@ def test_zero_shot_matches_a_plain_full_sequence_computation():
     lm = load_model("tiny-llama-test", dtype=torch.float32, tokenizer=tok)
     texts = ["my card was charged twice", "where is my parcel?", ""]
     labels = ["billing", "shipping", "product_question"]
-    defs = {k: classify.DEFINITIONS["category"][k] for k in labels}
+    defs = {k: read_labels("tickets")["category"][k] for k in labels}
     scores = classify.zero_shot_scores(lm, tok, texts, labels, defs, batch_size=2)
     assert scores.shape == (3, 3) and np.allclose(scores.sum(1), 1)
     prefix, suffix = classify.zero_shot_prompt(tok, labels, defs)
@@ -93,6 +158,18 @@ def test_zero_shot_matches_a_plain_full_sequence_computation():
         assert np.allclose(row, torch.softmax(torch.tensor(loglik), -1).numpy(), atol=1e-4)
 
 
+def test_zero_shot_wording_comes_from_the_data_folder(tmp_path):
+    tok = load_tokenizer("tiny-llama-test")
+    defs = read_labels("tickets")["category"]
+    prefix, suffix = classify.zero_shot_prompt(tok, ["billing", "refund"], defs, classify.zero_shot_template("tickets"))
+    user = (f"Classify the support ticket into exactly one of these labels.\n- billing: {defs['billing']}\n"
+            f"- refund: {defs['refund']}\n\nTicket:\n")
+    assert prefix.endswith(user) and suffix.startswith("\n\nAnswer with the label only.")
+    assert classify.zero_shot_template(tmp_path) == classify.ZERO_SHOT_TEMPLATE  # no file: generic wording
+    with pytest.raises(ValueError, match="needs {labels} and {text} exactly once"):
+        classify.zero_shot_prompt(tok, ["a"], {}, "Classify: {text}")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 4-bit tiny Llama with a LoRA + score head, trained a few steps with class weights."""
@@ -105,7 +182,7 @@ def trained(tmp_path_factory):
                                              modules_to_save=["score"]))
     head_before = model.base_model.model.score.modules_to_save["default"].weight.detach().clone()
     train = classify.tokenize_split(Dataset.from_list([dict(t, priority="low") for t in TICKETS] * 2), tok,
-                                    "category", max_length=32)
+                                    "category", LABELS, max_length=32)
     out = tmp_path_factory.mktemp("clf")
     args = TrainingArguments(output_dir=str(out / "ckpt"), max_steps=4, per_device_train_batch_size=8,
                              learning_rate=5e-3, lr_scheduler_type="cosine", warmup_steps=0.25,
@@ -117,8 +194,7 @@ def trained(tmp_path_factory):
     trainer.train()
     head_after = model.base_model.model.score.modules_to_save["default"].weight
     assert not torch.allclose(head_before, head_after), "the score head was not trained"
-    clf = classify.TicketClassifier(model, tok, LABELS, base_model="tiny-llama-test", quantization="nf4",
-                                    max_length=32, batch_size=3)
+    clf = classify.Classifier(model, tok, LABELS, base_model="tiny-llama-test", max_length=32, batch_size=3)
     return clf, out
 
 
@@ -136,28 +212,6 @@ def test_batching_does_not_change_predictions(trained):
     clf, _ = trained
     one_by_one = np.concatenate([clf.probabilities([t]) for t in TICKETS])
     assert np.allclose(one_by_one, clf.probabilities(TICKETS), atol=1e-4)
-
-
-def test_fresh_process_reload_gives_identical_predictions(trained):
-    clf, out = trained
-    path = clf.save(out / "classifier")
-    assert (path / "classifier.json").exists() and (path / "adapter_config.json").exists()
-    assert "score" in json.loads((path / "adapter_config.json").read_text())["modules_to_save"]
-    before = clf.probabilities(TICKETS)
-    code = ("import json, sys; from ftnb.inference import load_classifier; "
-            "clf = load_classifier(sys.argv[1]); tickets = json.loads(sys.argv[2]); "
-            "print(json.dumps({'pred': clf.predict(tickets), 'proba': clf.predict_proba(tickets)}))")
-    done = subprocess.run([sys.executable, "-c", code, str(path), json.dumps(TICKETS)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    after = json.loads(done.stdout.strip().splitlines()[-1])
-    assert after["pred"] == clf.predict(TICKETS)
-    assert np.allclose([[p[label] for label in LABELS] for p in after["proba"]], before, atol=1e-2)  # see report: in-memory vs reloaded drift
-
-
-def test_load_classifier_explains_a_wrong_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="classifier.json"):
-        classify.load_classifier(tmp_path)
 
 
 def test_demo_renders_without_interaction(trained):

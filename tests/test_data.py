@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ftnb.data import SCHEMAS, DataError, Schema, load, read_jsonl
+from ftnb.data import DataError, Schema, dataset_folder, load, read_jsonl, read_labels
 
 SCHEMA = Schema({"id": str, "text": str, "label": ("a", "b")})
 
@@ -45,12 +45,37 @@ def test_duplicate_ids_across_splits(tmp_path):
         load(tmp_path / "toy", schema=SCHEMA)
 
 
-def test_missing_split_and_unknown_schema(tmp_path):
+def test_missing_split_and_unknown_folder(tmp_path):
     _write(tmp_path / "toy", {"train": GOOD["train"]})
     with pytest.raises(DataError, match="missing split"):
         load(tmp_path / "toy", schema=SCHEMA)
-    with pytest.raises(DataError, match="no schema known"):
+    with pytest.raises(DataError, match=r"no dataset folder 'tickts'.*known: .*tickets"):
+        load("tickts")
+
+
+def test_labels_json_sets_the_allowed_labels_without_code(tmp_path):
+    rows = {split: [{k: v for k, v in r.items() if k != "label"} | {"intent": "greet"} for r in part]
+            for split, part in GOOD.items()}
+    rows["test"] = [dict(rows["test"][0], intent="book")]
+    _write(tmp_path / "toy", rows)
+    assert load(tmp_path / "toy", schema=Schema.of("text"))["test"]["intent"] == ["book"]  # no labels.json
+    (tmp_path / "toy" / "labels.json").write_text(json.dumps({"intent": {"greet": "says hello", "bye": ""}}))
+    assert list(read_labels(tmp_path / "toy")["intent"]) == ["greet", "bye"]
+    with pytest.raises(DataError, match=r"test.jsonl, line 1: field 'intent' has unknown label 'book'; allowed: greet, bye"):
         load(tmp_path / "toy")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "not valid JSON"),
+    ('["greet"]', "expected"),
+    ('{"intent": ["greet", "bye"]}', "field 'intent' should map each label to its definition"),
+    ('{"intent": {}}', "field 'intent' should map"),
+])
+def test_bad_labels_file_says_what_to_fix(tmp_path, content, message):
+    _write(tmp_path / "toy", GOOD)
+    (tmp_path / "toy" / "labels.json").write_text(content)
+    with pytest.raises(DataError, match=message):
+        load(tmp_path / "toy", schema=SCHEMA)
 
 
 def test_blank_lines_are_fine_but_empty_files_are_not(tmp_path):
@@ -61,6 +86,11 @@ def test_blank_lines_are_fine_but_empty_files_are_not(tmp_path):
         read_jsonl(tmp_path / "e.jsonl", SCHEMA)
 
 
-def test_known_schemas():
-    assert SCHEMAS["tickets"].labels("category")[0] == "billing"
-    assert "medical" in SCHEMAS["domains"].labels("domain")
+def test_project_datasets_declare_their_labels():
+    assert list(read_labels("tickets")) == ["category", "priority"]
+    # the order fixes the label ids, hence the classification head's rows: the trained recipe's order
+    assert list(read_labels("tickets")["category"]) == ["billing", "refund", "account_access", "technical_issue",
+                                                      "shipping", "product_question", "cancellation", "feedback"]
+    assert list(read_labels("tickets")["priority"]) == ["low", "normal", "high", "urgent"]
+    assert list(read_labels("domains")["domain"]) == ["legal", "medical", "technical"]
+    assert dataset_folder("tickets").name == "tickets"

@@ -4,8 +4,12 @@ from collections import Counter
 
 import pytest
 
-from ftnb.data import DOMAINS, load, near_duplicates
-from ftnb.tasks.sft import format_adherence
+from ftnb.data import load, near_duplicates, read_labels
+from ftnb.tasks import sft
+from ftnb.tasks.formats import format_adherence, read_formats
+
+DOMAINS = list(read_labels("domains")["domain"])
+HOUSE = read_formats("domains")
 
 INSTRUCTIONS = {
     "legal": "Explain this contract clause in plain English.",
@@ -16,7 +20,7 @@ INSTRUCTIONS = {
 
 @pytest.fixture(scope="module")
 def ds():
-    return load("domains")  # schema-checked: fields, types, domain labels, unique ids
+    return load("domains", schema=sft.SCHEMA)  # schema-checked: fields, types, domain labels, unique ids
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +44,12 @@ def test_splits_are_stratified(ds):
 
 def test_every_reference_output_follows_the_house_format(rows):
     failures = [(r["id"], [k for k, v in res.rules.items() if not v])
-                for r in rows if not (res := format_adherence(r["output"], r["domain"])).ok]
+                for r in rows if not (res := format_adherence(r["output"], HOUSE[r["domain"]])).ok]
     assert not failures, failures[:10]
+
+
+def test_every_domain_has_a_house_format():
+    assert list(HOUSE) == DOMAINS
 
 
 def test_instruction_matches_domain(rows):

@@ -1,5 +1,4 @@
 import multiprocessing
-import time
 
 import pytest
 import torch
@@ -23,6 +22,58 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UnknownModelError, match="need internet"):
         resolve("nobody/no-such-model")
+
+
+@pytest.fixture
+def fresh_choice(monkeypatch):
+    """Forget this process's source choices, and fail any test that would reach the network."""
+    monkeypatch.setattr(models, "_CHOICES", {})
+
+    def no_network(repo_id):
+        raise AssertionError("tests must not ask the hub")
+
+    monkeypatch.setattr(models, "_hub_answers", no_network)
+    return monkeypatch
+
+
+def test_default_smollm2_is_the_gguf_copy_offline(fresh_choice, capsys):
+    fresh_choice.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve("smollm2-135m-instruct") == resolve("smollm2-135m-instruct-gguf")
+    assert models.pinned("smollm2-135m-instruct") == "smollm2-135m-instruct-gguf"
+    printed = capsys.readouterr().out
+    assert printed.count("'smollm2-135m-instruct' -> 'smollm2-135m-instruct-gguf'") == 1  # once per process
+    assert "HF_HUB_OFFLINE is set" in printed and "model='HuggingFaceTB/SmolLM2-135M-Instruct'" in printed
+
+
+@pytest.mark.parametrize("hub_answers, chosen, reason", [
+    (True, "HuggingFaceTB/SmolLM2-135M-Instruct", "the Hugging Face hub answered"),
+    (False, "smollm2-135m-instruct-gguf", "the Hugging Face hub did not answer")])
+def test_default_smollm2_online_takes_the_original_when_the_hub_answers(fresh_choice, capsys, hub_answers,
+                                                                          chosen, reason):
+    fresh_choice.setenv("HF_HUB_OFFLINE", "0")
+    asked = []
+    fresh_choice.setattr(models, "_hub_answers", lambda repo_id: asked.append(repo_id) or hub_answers)
+    choice = models.choose_source("smollm2-135m-instruct")
+    assert (choice.chosen, choice.reason, choice.uses_original) == (chosen, reason, hub_answers)
+    expected_path = chosen if hub_answers else resolve("smollm2-135m-instruct-gguf")
+    assert resolve("smollm2-135m-instruct") == expected_path
+    again = models.pinned("smollm2-135m-instruct")  # e.g. the tokenizer after the model: same weights
+    assert again == chosen and asked == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert f"-> '{chosen}' ({reason})" in capsys.readouterr().out
+
+
+def test_precision_label_says_when_fp32_is_de_quantized(fresh_choice):
+    fresh_choice.setenv("HF_HUB_OFFLINE", "1")
+    assert models.precision_label("smollm2-135m-instruct", "fp32") == "fp32 (de-quantized Q4_1)"
+    assert models.precision_label("HuggingFaceTB/SmolLM2-135M-Instruct", "fp32") == "fp32"
+    assert models.precision_label("tiny-llama-test", "bf16") == "bf16"
+
+
+def test_pinned_names_never_ask_the_hub(fresh_choice):
+    fresh_choice.setenv("HF_HUB_OFFLINE", "0")
+    assert models.choose_source("smollm2-135m-instruct-gguf") is None
+    assert models.pinned("smollm2-135m-instruct-gguf") == "smollm2-135m-instruct-gguf"
+    assert resolve("smollm2-135m-instruct-gguf").endswith("smollm2-135m-instruct-gguf/v1")
 
 
 def test_local_folder_and_package_folder(tiny_model_path, tmp_path):
@@ -62,16 +113,19 @@ def _greedy(model, tok, prompt):
     return chat(model, tok, prompt, max_new_tokens=24)
 
 
-def test_converted_smollm2_generates_exactly_like_the_gguf():
+def test_converted_smollm2_generates_exactly_like_the_gguf(monkeypatch):
     reference, ref_tok = models.load_smollm2_from_gguf()
-    start = time.perf_counter()
-    converted = load_model("smollm2-135m-instruct", dtype=torch.float32)
-    tok = load_tokenizer("smollm2-135m-instruct")
-    load_seconds = time.perf_counter() - start
+    resolve("smollm2-135m-instruct-gguf")  # converts once, unless cached already
+
+    def convert_again():
+        raise AssertionError("a cached model was converted again")
+
+    monkeypatch.setattr(models, "load_smollm2_from_gguf", convert_again)
+    converted = load_model("smollm2-135m-instruct-gguf", dtype=torch.float32)
+    tok = load_tokenizer("smollm2-135m-instruct-gguf")
     ref_tok.pad_token = tok.pad_token
     for prompt in PROMPTS:
         assert _greedy(converted, tok, prompt) == _greedy(reference, ref_tok, prompt)
-    assert load_seconds < 10, f"cached load took {load_seconds:.1f}s"
 
 
 def _materialise_in(cache: str) -> str:
@@ -85,10 +139,11 @@ def _materialise_in(cache: str) -> str:
 
 def test_concurrent_materialisation_is_safe(tmp_path, monkeypatch):
     # The tiny model is built by the same cached, locked path as the SmolLM2 conversion.
-    resolve("smollm2-135m-instruct")  # its tokenizer is shared with the tiny model
+    resolve("smollm2-135m-instruct-gguf")  # its tokenizer is shared with the tiny model
     cache = tmp_path / "cache"
     (cache / "models").mkdir(parents=True)
-    (cache / "models" / "smollm2-135m-instruct").symlink_to(models.cache_dir() / "models" / "smollm2-135m-instruct")
+    (cache / "models" / "smollm2-135m-instruct-gguf").symlink_to(
+        models.cache_dir() / "models" / "smollm2-135m-instruct-gguf")
     with multiprocessing.get_context("spawn").Pool(3) as pool:
         paths = pool.map(_materialise_in, [str(cache)] * 3)
     assert len(set(paths)) == 1
@@ -101,3 +156,14 @@ def test_registry_entries_describe_themselves():
     for name, entry in REGISTRY.items():
         assert entry.description and entry.hub_id
         assert name in models.describe_registry()
+
+
+
+def test_saved_models_record_the_weights_they_were_trained_on(fresh_choice):
+    """A saved model names the pinned source, so a reload where the hub answers does not put an
+    adapter trained on the GGUF copy onto the original weights."""
+    from ftnb import saved
+
+    fresh_choice.setenv("HF_HUB_OFFLINE", "1")
+    record = saved.base_model_record("smollm2-135m-instruct", config=None)
+    assert record["name"] == "smollm2-135m-instruct-gguf" and "de-quantised to fp32" in record["origin"]

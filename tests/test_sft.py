@@ -2,6 +2,7 @@
 adapter -> merged export round trip, on the tiny random Llama (seconds)."""
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from ftnb import env
-from ftnb.tasks import sft
+from ftnb import env, saved
+from ftnb.data import DataError
+from ftnb.tasks import formats, sft
 from ftnb.models import load_model, load_tokenizer
 
 LEGAL = ("Plain English: You pay a $500 deposit. It comes back within 30 days.\n"
@@ -32,6 +34,9 @@ ROWS = [
 ]
 
 
+HOUSE = formats.read_formats("domains")
+
+
 @pytest.fixture(scope="module")
 def tok(tiny_model_path):
     return load_tokenizer(tiny_model_path)
@@ -40,7 +45,7 @@ def tok(tiny_model_path):
 # ---------------------------------------------------------------- house format
 @pytest.mark.parametrize("text,domain", [(LEGAL, "legal"), (MEDICAL, "medical"), (TECHNICAL, "technical")])
 def test_reference_formats_pass(text, domain):
-    result = sft.format_adherence(text, domain)
+    result = formats.format_adherence(text, HOUSE[domain])
     assert result.ok, result.rules
 
 
@@ -57,19 +62,53 @@ def test_reference_formats_pass(text, domain):
     (TECHNICAL.replace("How to verify:", "How to verify:\nLikely cause: again"), "technical", "labels_in_order"),
 ])
 def test_format_violations_are_named(text, domain, broken):
-    result = sft.format_adherence(text, domain)
+    result = formats.format_adherence(text, HOUSE[domain])
     assert not result.ok and not result.rules[broken], result.rules
 
 
+def test_rule_names_are_those_of_the_binding_formats():
+    names = {domain: list(formats.format_adherence(text, HOUSE[domain]).rules)
+             for text, domain in [(LEGAL, "legal"), (MEDICAL, "medical"), (TECHNICAL, "technical")]}
+    first = ["starts_with_first_label", "labels_in_order"]
+    assert names == {
+        "legal": first + ["plain_english_1_3_sentences", "obligations_bullets", "watch_out_bullets"],
+        "medical": first + ["summary_1_2_sentences", "term_bullets_at_least_2", "question_bullets_1_3"],
+        "technical": first + ["cause_1_2_sentences", "fix_numbered_1_4", "verify_one_line"]}
+
+
 def test_adherence_report_gives_rates_per_domain():
-    report = sft.adherence_report([LEGAL, "nonsense", MEDICAL], ["legal", "legal", "medical"])
+    report = formats.adherence_report([LEGAL, "nonsense", MEDICAL, "free text"],
+                                      ["legal", "legal", "medical", "poetry"], HOUSE)
     assert report.loc["legal", "all"] == pytest.approx(0.5)
     assert report.loc["medical", "all"] == pytest.approx(1.0)
+    assert "poetry" not in report.index  # no house format: not judged, not counted as a failure
+    assert formats.adherence_report(["x"], ["poetry"], {}).empty
 
 
-def test_unknown_domain_is_an_error():
-    with pytest.raises(ValueError, match="unknown domain"):
-        sft.format_adherence(LEGAL, "finance")
+def test_a_format_of_your_own_as_data(tmp_path):
+    (tmp_path / "formats.json").write_text(json.dumps({"recipe": [
+        {"label": "Ingredients:", "body": "bullets", "min": 2},
+        {"label": "Steps:", "body": "numbered", "max": 3, "rule": "steps_1_3"}]}))
+    house = formats.read_formats(tmp_path)["recipe"]
+    good = "Ingredients:\n- flour\n- water\nSteps:\n1. Mix.\n2. Bake."
+    assert formats.format_adherence(good, house).rules == {
+        "starts_with_first_label": True, "labels_in_order": True, "ingredients_bullets": True, "steps_1_3": True}
+    too_many = good + "\n3. Cool.\n4. Eat."
+    assert not formats.format_adherence(too_many, house).rules["steps_1_3"]
+    (tmp_path / "plain").mkdir()
+    assert formats.read_formats(tmp_path / "plain") == {}  # no formats.json: no house format
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"g": [{"label": "A:", "body": "haiku"}]}, "unknown body kind 'haiku'; known: sentences, bullets"),
+    ({"g": [{"label": "A:", "body": "lines", "colour": "red"}]}, "unexpected keyword argument 'colour'"),
+    ({"g": []}, "expected"),
+    ({"g": [{"label": "A:", "body": "lines"}, {"label": "B:", "body": "lines", "rule": "a_lines"}]}, "alike"),
+])
+def test_bad_format_files_say_what_to_fix(tmp_path, spec, message):
+    (tmp_path / "formats.json").write_text(json.dumps(spec))
+    with pytest.raises(DataError, match=message):
+        formats.read_formats(tmp_path)
 
 
 def test_rouge_l_identical_and_disjoint():
@@ -168,21 +207,39 @@ def test_perplexity_counts_response_tokens_only(tiny_model_path, tok):
     assert result["loss"] == pytest.approx(pooled, rel=1e-4)  # padding does not change the loss
 
 
-def test_perplexity_survives_a_prompt_longer_than_max_length(tiny_model_path, tok):
+def test_perplexity_over_no_response_token_is_nan(tiny_model_path, tok):
+    """Prompts longer than max_length leave no response token to score: exp(0) = 1 would read as
+    a perfect model, so the result is NaN, with a warning that says why."""
     model = load_model(tiny_model_path, dtype=torch.float32)
-    result = sft.perplexity(model, tok, ROWS, max_length=16, batch_size=2)
-    assert result["truncated"] == len(ROWS)  # every example is cut, and says so
+    with pytest.warns(UserWarning, match=r"zero response tokens \(3 row\(s\), 3 cut by max_length"):
+        result = sft.perplexity(model, tok, ROWS, max_length=16, batch_size=2)
+    assert result["truncated"] == len(ROWS) and result["tokens"] == 0  # every example is cut, and says so
+    assert math.isnan(result["perplexity"]) and math.isnan(result["loss"])
+    with pytest.warns(UserWarning, match=r"zero response tokens \(0 row\(s\)"):
+        assert math.isnan(sft.perplexity(model, tok, [])["perplexity"])
+
+
+def test_evaluate_reports_adherence_only_where_a_format_exists(tiny_model_path, tok):
+    model = load_model(tiny_model_path, dtype=torch.float32)
+    table, rules, outputs = sft.evaluate(model, tok, ROWS, ROWS, max_new_tokens=4, formats={"legal": HOUSE["legal"]})
+    assert math.isnan(table.loc["medical", "format_adherence"]) and math.isnan(table.loc["technical", "format_adherence"])
+    assert table.loc["legal", "format_adherence"] == table.loc["all", "format_adherence"] == 0.0  # 4 random tokens
+    assert list(rules.index) == ["legal"]
+    no_format, no_rules, _ = sft.evaluate(model, tok, ROWS, ROWS, max_new_tokens=4)
+    assert no_format["format_adherence"].isna().all() and no_rules.empty
+    assert no_format[["perplexity", "rougeL"]].notna().all().all()  # the other metrics still run
+    assert len(outputs) == len(ROWS)
 
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_path, tok, tmp_path_factory):
-    """An NF4 QLoRA adapter with non-zero updates (random B), saved with its generator config."""
+    """An NF4 QLoRA adapter with non-zero updates (random B), saved with its manifest."""
     torch.manual_seed(0)
     base = load_model(tiny_model_path, quantization="nf4")
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                             init_lora_weights=False, task_type="CAUSAL_LM"))
     folder = tmp_path_factory.mktemp("adapter")
-    sft.save_generator(model, tok, folder, base_model=tiny_model_path, quantization="nf4")
+    sft.save_generator(model, tok, folder, base_model="tiny-llama-test")
     return folder
 
 
@@ -191,19 +248,17 @@ def test_merged_export_reproduces_adapter_model(adapter_dir, tok, tmp_path):
     assert not (merged_dir / "adapter_config.json").exists()
     assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
     plain = AutoModelForCausalLM.from_pretrained(merged_dir)  # plain transformers, no peft
-    adapter_model = sft.load_adapter_model(adapter_dir)
+    adapter_model = saved.load_model(adapter_dir)
     check = sft.compare_models(adapter_model, plain, tok, ROWS, max_new_tokens=12)
     assert check["max_logit_diff"] < 1e-2
     assert check["greedy_agreement"] == 1.0
 
 
-def test_load_generator_on_both_folder_kinds(adapter_dir, tok, tmp_path):
+def test_saved_load_on_both_folder_kinds(adapter_dir, tok, tmp_path):
     merged_dir = sft.export_merged(adapter_dir, tmp_path / "merged")
-    from ftnb.inference import load_generator
-
     row = ROWS[2]
-    from_adapter = load_generator(str(adapter_dir)).generate(row["instruction"], row["input"], max_new_tokens=8)
-    merged = load_generator(str(merged_dir))
+    from_adapter = saved.load(adapter_dir).generate(row["instruction"], row["input"], max_new_tokens=8)
+    merged = saved.load(merged_dir)
     assert merged.system == sft.SYSTEM_PROMPT
     from_merged = merged.generate(row["instruction"], row["input"], max_new_tokens=8)
     assert isinstance(from_adapter, str) and from_adapter == from_merged
@@ -211,17 +266,85 @@ def test_load_generator_on_both_folder_kinds(adapter_dir, tok, tmp_path):
     assert streamed.strip() == from_merged
 
 
-def test_load_generator_needs_its_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="ftnb_sft.json"):
-        sft.load_generator(tmp_path)
+def test_a_domain_without_perplexity_rows_gets_nan_not_one(tiny_model_path, tok, tmp_path):
+    """A domain that is only generated for has no perplexity: NaN in the table, null in metrics.json."""
+    from ftnb.results import save_metrics
+
+    model = load_model(tiny_model_path, dtype=torch.float32)
+    with pytest.warns(UserWarning, match="zero response tokens"):
+        table, _, _ = sft.evaluate(model, tok, ROWS[:1], ROWS, max_new_tokens=2)
+    assert math.isnan(table.loc["technical", "perplexity"]) and math.isnan(table.loc["medical", "loss"])
+    assert table.loc["all", "perplexity"] == pytest.approx(table.loc["legal", "perplexity"])
+    assert table.loc["legal", "perplexity"] > 1
+    saved = json.loads(save_metrics(tmp_path, {"table": table.to_dict("index")}).read_text())
+    assert saved["table"]["technical"]["perplexity"] is None
 
 
-def test_unknown_domain_names_are_refused():
-    sft.check_domains(["legal", "technical"])
+def _in_thread_within(seconds: float, work):
+    """Run `work()` in a daemon thread and fail unless it ends within `seconds` (a consumer that
+    waits forever must fail the test, not hang it). Returns what work returned or raised."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = work()
+        except Exception as error:  # handed to the test below
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still waiting after {seconds} s"
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(tiny_model_path, tok):
+    return sft.Generator(load_model(tiny_model_path, dtype=torch.float32), tok)
+
+
+def test_stream_raises_what_generation_raised(tiny_generator):
+    row = ROWS[2]
+    outcome = _in_thread_within(30, lambda: list(tiny_generator.stream(row["instruction"], row["input"],
+                                                                       max_new_tokens=4, not_a_setting=1)))
+    assert isinstance(outcome.get("error"), ValueError) and "not_a_setting" in str(outcome["error"])
+
+
+class _CountSteps:
+    """A stopping criterion that never stops, only counts the generation steps."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.steps += 1
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def test_leaving_a_stream_early_stops_generation(tiny_generator):
+    """Breaking out after the first piece stops generation within a few tokens of 900 and leaves
+    no generating thread behind."""
+    row, counter = ROWS[2], _CountSteps()
+    before = set(threading.enumerate())
+    stream = tiny_generator.stream(row["instruction"], row["input"], max_new_tokens=900, min_new_tokens=900,
+                                   stopping_criteria=[counter])
+    for _ in stream:
+        break
+    stream.close()  # what the garbage collector does for a loop left with break
+    started = set(threading.enumerate()) - before
+    assert not any(thread.is_alive() for thread in started)
+    assert 0 < counter.steps < 100
+    assert "".join(tiny_generator.stream(row["instruction"], row["input"], max_new_tokens=4))  # still usable
+
+
+def test_domains_are_those_of_the_data():
+    present = ["technical", "legal", "medical", "legal"]
+    assert sft.select_domains(["legal", "technical"], present) == ["legal", "technical"]
+    assert sft.select_domains([], present) == ["legal", "medical", "technical"]  # [] = every domain
     with pytest.raises(ValueError, match="technicl"):
-        sft.check_domains(["legal", "technicl"])
-    with pytest.raises(ValueError, match="known: legal, medical, technical"):
-        sft.check_domains(["finance"])
+        sft.select_domains(["legal", "technicl"], present)
+    with pytest.raises(ValueError, match="the data has: legal, medical, technical"):
+        sft.select_domains(["finance"], present)
 
 
 def test_repetition_penalty_spares_the_prompt(tok):
@@ -234,13 +357,12 @@ def test_repetition_penalty_spares_the_prompt(tok):
 
 
 def test_saved_decoding_settings_are_the_generator_defaults(adapter_dir, tok, tmp_path):
-    sft.save_generator(sft.load_adapter_model(adapter_dir), tok, tmp_path / "a", base_model=json.loads(
-        (adapter_dir / sft.GENERATOR_CONFIG).read_text())["base_model"], quantization="nf4",
-        decoding={"max_new_tokens": 6, "repetition_penalty": 1.3})
-    generator = sft.load_generator(tmp_path / "a")
+    sft.save_generator(saved.load_model(adapter_dir), tok, tmp_path / "a", base_model="tiny-llama-test",
+                       decoding={"max_new_tokens": 6, "repetition_penalty": 1.3})
+    generator = saved.load(tmp_path / "a")
     assert generator.decoding == {"max_new_tokens": 6, "repetition_penalty": 1.3}
     row = ROWS[0]
     assert generator.generate(row["instruction"], row["input"]) == generator.generate(
         row["instruction"], row["input"], max_new_tokens=6, repetition_penalty=1.3)
-    merged = sft.load_generator(sft.export_merged(tmp_path / "a", tmp_path / "merged"))
+    merged = saved.load(sft.export_merged(tmp_path / "a", tmp_path / "merged"))
     assert merged.decoding == generator.decoding  # the export keeps them

@@ -3,12 +3,15 @@ from collections import Counter
 
 import pytest
 
-from ftnb.data import TICKET_CATEGORIES, data_dir, load, near_duplicates, read_jsonl, SCHEMAS
+from ftnb.data import Schema, data_dir, load, near_duplicates, read_jsonl, read_labels
+
+SCHEMA = Schema.of("subject", "body").with_labels(read_labels("tickets"))
+CATEGORIES = list(read_labels("tickets")["category"])
 
 
 @pytest.fixture(scope="module")
 def tickets():
-    return load("tickets")  # schema-checked: every field, every label
+    return load("tickets", schema=Schema.of("id", "subject", "body"))  # + category, priority from labels.json
 
 
 def _all(tickets):
@@ -19,15 +22,13 @@ def test_size_and_per_category_minimum(tickets):
     rows = _all(tickets)
     assert len(rows) >= 1600
     per_category = Counter(r["category"] for r in rows)
-    assert set(per_category) == set(TICKET_CATEGORIES)
+    assert set(per_category) == set(CATEGORIES)
     assert min(per_category.values()) >= 200, per_category
 
 
 def test_splits_hold_every_source_ticket_once(tickets):
     sources = sorted((data_dir() / "tickets" / "source").glob("*.jsonl"))
-    schema = SCHEMAS["tickets"]
-    source_schema = type(schema)({k: v for k, v in schema.fields.items() if k != "id"})
-    n_source = sum(len(read_jsonl(p, source_schema)) for p in sources)
+    n_source = sum(len(read_jsonl(p, SCHEMA)) for p in sources)
     ids = [r["id"] for r in _all(tickets)]
     assert len(ids) == len(set(ids)) == n_source
 
@@ -36,7 +37,7 @@ def test_about_70_15_15_and_stratified(tickets):
     total = sum(len(s) for s in tickets.values())
     for name, share in {"train": 0.70, "validation": 0.15, "test": 0.15}.items():
         assert abs(len(tickets[name]) / total - share) < 0.03, name
-    for category in TICKET_CATEGORIES:
+    for category in CATEGORIES:
         counts = {name: split["category"].count(category) for name, split in tickets.items()}
         assert 0.62 <= counts["train"] / sum(counts.values()) <= 0.78, (category, counts)
         assert counts["test"] >= 25 and counts["validation"] >= 25, (category, counts)

@@ -1,19 +1,20 @@
-"""Ticket classification plumbing for recipe 01: text formatting, labels, metrics, calibration,
-zero-shot scoring, a weighted-loss Trainer, and the saved classifier.
+"""Sequence classification for any labels and text fields: text formatting, labels, metrics,
+calibration, zero-shot scoring, a weighted-loss Trainer, and the saved classifier.
 
 Usage:
-    from ftnb.tasks.classify import ticket_text, tokenize_split, evaluate, load_classifier
-    train = tokenize_split(ds["train"], tok, "category", max_length=160)
-    clf = TicketClassifier(model, tok, labels=TICKET_CATEGORIES, ...)
+    from ftnb.tasks.classify import Classifier, record_text, labels_for, tokenize_split, evaluate
+    labels = labels_for("category", ds["train"], "tickets")   # labels.json order, else sorted values
+    train = tokenize_split(ds["train"], tok, "category", labels, max_length=160, text_fields=["subject", "body"])
+    clf = Classifier(model, tok, labels, base_model="smollm2-135m-instruct", ...)
     clf.save("outputs/01_ticket_classification/classifier")
-    load_classifier("outputs/01_ticket_classification/classifier").predict(["I was charged twice"])
+    ftnb.saved.load("outputs/01_ticket_classification/classifier").predict(["I was charged twice"])
 
-A ticket is a dict with `subject` and `body` or a plain string. Long tickets are truncated
-(subject first, then the start of the body) with a warning; nothing is dropped silently.
+A record is a dict holding the text fields (joined in order, by default `subject` then `body`)
+or a plain string. Long texts are truncated (the first field first) with a warning; nothing is
+dropped silently.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -24,67 +25,56 @@ from datasets import Dataset
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from transformers import Trainer
 
-from ftnb.data import TICKET_CATEGORIES, TICKET_PRIORITIES
+from ftnb.data import dataset_folder, read_labels
 
-Ticket = dict | str
-LABELS: dict[str, tuple[str, ...]] = {"category": TICKET_CATEGORIES, "priority": TICKET_PRIORITIES}
+Record = dict | str
+ZERO_SHOT_FILE = "zero_shot_prompt.txt"
+# The zero-shot prompt for data without its own zero_shot_prompt.txt; {labels} and {text} are filled in.
+ZERO_SHOT_TEMPLATE = ("Classify the text into exactly one of these labels.\n{labels}\n\n"
+                      "Text:\n{text}\n\nAnswer with the label only.")
 
-# The binding definitions of data/tickets/README.md, also used in the zero-shot prompt.
-DEFINITIONS: dict[str, dict[str, str]] = {
-    "category": {
-        "billing": "questions or problems about charges, invoices, receipts, payment methods, tax/VAT, "
-                   "or the amount on an existing bill, where the customer does not ask for money back",
-        "refund": "the customer asks for money back (full or partial), or about the status of a refund "
-                  "already requested",
-        "account_access": "cannot sign in, password reset, two-factor authentication, locked or suspended "
-                          "account, changing the login email, SSO problems",
-        "technical_issue": "the product, app, site or API malfunctions: errors, crashes, bugs, slowness, "
-                           "sync or integration failures, data not saving",
-        "shipping": "delivery of a physical order: tracking, delays, lost parcel, wrong address, damaged "
-                    "in transit, customs",
-        "product_question": "what the product does or how to use it: does it support X, how do I do Y, "
-                            "compatibility, plan differences, stock or availability",
-        "cancellation": "wants to cancel a subscription or an order, or close/delete the account, without "
-                        "asking for money back as the main request",
-        "feedback": "praise, complaints about the experience with no specific request, suggestions and "
-                    "feature requests",
-    },
-    "priority": {
-        "low": "informational, feedback, no time pressure",
-        "normal": "an ordinary request or problem",
-        "high": "blocked from core use, or money lost or at stake",
-        "urgent": "business-wide outage, security incident such as account takeover or leaked data, "
-                  "legal threat, or a deadline within hours",
-    },
-}
 # Characters kept before tokenizing: a 1 MB pasted log costs seconds to tokenize for nothing.
 _CHARS_PER_TOKEN_CAP = 12
 
 
 # ---------------------------------------------------------------- text and labels
-def ticket_text(ticket: Ticket) -> str:
-    """Subject, blank line, body (an empty body leaves the subject alone); strings pass through.
+def record_text(record: Record, text_fields: Sequence[str] = ("subject", "body")) -> str:
+    """The record's text fields in order, separated by a blank line (empty ones left out);
+    strings pass through. A missing field is an error naming it and the fields found.
 
-    Usage: ticket_text({"subject": "Charged twice", "body": "Invoice INV-1 shows two charges"})
+    Usage: record_text({"subject": "Charged twice", "body": "Invoice INV-1 shows two charges"})
+           record_text({"text": "book a table for two"}, text_fields=["text"])
     """
-    if isinstance(ticket, str):
-        return ticket
-    if not isinstance(ticket, dict) or not ({"subject", "body"} & set(ticket)):
-        raise TypeError(f"a ticket is a dict with 'subject' and/or 'body', or a string; got {ticket!r:.80}")
-    parts = [str(ticket.get("subject") or "").strip(), str(ticket.get("body") or "").strip()]
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise TypeError(f"a record is a dict with the fields {list(text_fields)}, or a string; got {record!r:.80}")
+    missing = [name for name in text_fields if name not in record]
+    if missing:
+        raise ValueError(f"the record has no field {missing[0]!r} (fields found: {sorted(record)}); "
+                         f"set text_fields to the fields that hold its text")
+    parts = [str(record[name] or "").strip() for name in text_fields]
     return "\n\n".join(p for p in parts if p)
 
 
 def label_maps(labels: Sequence[str]) -> tuple[dict[int, str], dict[str, int]]:
-    """(id2label, label2id) for a model config. Usage: id2label, label2id = label_maps(LABELS["category"])"""
+    """(id2label, label2id) for a model config. Usage: id2label, label2id = label_maps(["no", "yes"])"""
     return dict(enumerate(labels)), {label: i for i, label in enumerate(labels)}
 
 
-def labels_for(label_field: str) -> tuple[str, ...]:
-    """The allowed labels of `category` or `priority`, with a clear error for anything else."""
-    if label_field not in LABELS:
-        raise ValueError(f"label_field must be one of {list(LABELS)}, not {label_field!r}")
-    return LABELS[label_field]
+def labels_for(label_field: str, train: Dataset, data_folder: str | Path | None = None) -> list[str]:
+    """The labels of `label_field` in id order: as listed in the data folder's labels.json when it
+    defines the field, else the sorted distinct values of the training split.
+
+    Usage: labels = labels_for("category", ds["train"], "tickets")
+    """
+    defined = read_labels(data_folder).get(label_field) if data_folder is not None else None
+    if defined:
+        return list(defined)
+    if label_field not in train.column_names:
+        raise ValueError(f"label_field {label_field!r} is not a field of the data; "
+                         f"fields: {', '.join(train.column_names)}")
+    return sorted(set(train[label_field]))
 
 
 def label_ids(values: Iterable[str], labels: Sequence[str]) -> list[int]:
@@ -100,27 +90,33 @@ def label_ids(values: Iterable[str], labels: Sequence[str]) -> list[int]:
 
 
 def encode(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, list]:
-    """Tokenize with truncation; warns (once per call) how many texts were cut to max_length.
-    Right truncation keeps the subject and the start of the body, where customers state
-    their request."""
-    capped = [t[: max_length * _CHARS_PER_TOKEN_CAP] for t in texts]
-    enc = tokenizer(capped, truncation=True, max_length=max_length + 1)  # one extra: detects cutting
-    cut = sum(len(ids) > max_length for ids in enc["input_ids"])
-    enc = {k: [v[:max_length] for v in values] for k, values in enc.items()}
+    """Tokenize with the tokenizer's own truncation, which keeps the special tokens that close an
+    input (an encoder's [SEP]); warns (once per call) how many texts were cut to max_length.
+    Right truncation keeps the start of the text (for tickets the subject and the start of the
+    body, where customers state their request).
+
+    Usage: encode(tok, ["Charged twice\\n\\nInvoice INV-1 shows two charges"], max_length=160)["input_ids"]
+    """
+    char_cap = max_length * _CHARS_PER_TOKEN_CAP
+    capped = [t[:char_cap] for t in texts]
+    enc = tokenizer(capped, truncation=True, max_length=max_length)
+    # one token over the limit tells which texts the limit cuts (a second pass, cheap next to a model)
+    one_over = tokenizer(capped, truncation=True, max_length=max_length + 1)["input_ids"]
+    cut = sum(len(ids) > max_length or len(text) > char_cap for ids, text in zip(one_over, texts))
     if cut:
-        warnings.warn(f"{cut} of {len(texts)} ticket(s) longer than max_length={max_length} tokens "
-                      f"were truncated (subject and start of the body kept)", stacklevel=2)
-    return enc
+        warnings.warn(f"{cut} of {len(texts)} text(s) longer than max_length={max_length} tokens were "
+                      f"truncated (their start kept)", stacklevel=2)
+    return dict(enc)
 
 
-def tokenize_split(split: Dataset, tokenizer, label_field: str, max_length: int) -> Dataset:
+def tokenize_split(split: Dataset, tokenizer, label_field: str, labels: Sequence[str], max_length: int,
+                   text_fields: Sequence[str] = ("subject", "body")) -> Dataset:
     """input_ids, attention_mask, labels and length (for length-grouped batches) of one split.
 
-    Usage: train = tokenize_split(ds["train"], tok, "category", max_length=160)
+    Usage: train = tokenize_split(ds["train"], tok, "category", labels, max_length=160)
     """
-    labels = labels_for(label_field)
     ids = label_ids(split[label_field], labels)
-    enc = encode(tokenizer, [ticket_text(r) for r in split], max_length)
+    enc = encode(tokenizer, [record_text(r, text_fields) for r in split], max_length)
     return Dataset.from_dict({**enc, "labels": ids, "length": [len(x) for x in enc["input_ids"]]})
 
 
@@ -134,22 +130,49 @@ def class_weights(train_labels: Sequence[int], num_labels: int) -> torch.Tensor:
 
 
 class WeightedTrainer(Trainer):
-    """A Trainer whose cross-entropy weighs classes (`class_weights=None`: the plain loss).
+    """A Trainer whose cross-entropy weighs classes (`class_weights=None`: every class weighs 1).
+
+    The loss of one optimizer step is the weighted mean over *all* its examples,
+    sum(w[y] * nll) / sum(w[y]) over every micro-batch of the gradient accumulation (and every
+    process), so micro-batch 4 x accumulation 2 takes the same step as batch 8. Averaging each
+    micro-batch's own weighted mean would not: their total weights differ. Without weights it is
+    the plain mean, which the stock Trainer gets wrong too: the sequence-classification models of
+    transformers accept `num_items_in_batch` but ignore it, so the Trainer, trusting it, skips its
+    division by the accumulation steps and the loss and gradient come out that many times too large.
 
     Usage: WeightedTrainer(model=m, args=args, ..., class_weights=class_weights(ids, 8))
     """
+
+    # our loss is divided by the whole step's total weight: training_step must not divide it again
+    loss_is_scaled_for_ga = True
 
     def __init__(self, *args, class_weights: torch.Tensor | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.class_weights = class_weights
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _example_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        """Each example's weight in the loss: the class weight of its label, or 1."""
         if self.class_weights is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return torch.ones(labels.shape, device=labels.device)
+        return self.class_weights.to(labels.device)[labels]
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+        """The loss normaliser of one optimizer step (or one evaluation batch): the total weight of
+        all its labels, over every micro-batch and process."""
+        total = sum(self._example_weights(batch["labels"].to(device)).sum() for batch in batch_samples)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total).sum()
+        return total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        logits = outputs.logits.float()
-        loss = torch.nn.functional.cross_entropy(logits, labels, weight=self.class_weights.to(logits.device))
+        nll = torch.nn.functional.cross_entropy(outputs.logits.float(), labels, reduction="none",
+                                                label_smoothing=self.args.label_smoothing_factor)
+        weights = self._example_weights(labels)
+        loss = (weights * nll).sum() / (weights.sum() if num_items_in_batch is None else num_items_in_batch)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
         return (loss, outputs) if return_outputs else loss
 
 
@@ -223,28 +246,41 @@ def plot_confusion(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequenc
     return ax
 
 
-def misclassified(tickets: Sequence[dict], y_pred: Sequence[str], probs: Sequence[dict[str, float]],
-                  label_field: str, limit: int = 15, width: int = 140):
+def misclassified(records: Sequence[dict], y_pred: Sequence[str], probs: Sequence[dict[str, float]],
+                  label_field: str, limit: int = 15, width: int = 140,
+                  text_fields: Sequence[str] = ("subject", "body")):
     """The most confident mistakes first: id, true, predicted, confidence, text (shortened)."""
     import pandas as pd
 
     rows = [{"id": t.get("id", i), "true": t[label_field], "predicted": p, "confidence": pr[p],
-             "text": ticket_text(t).replace("\n", " ")[:width]}
-            for i, (t, p, pr) in enumerate(zip(tickets, y_pred, probs)) if p != t[label_field]]
+             "text": record_text(t, text_fields).replace("\n", " ")[:width]}
+            for i, (t, p, pr) in enumerate(zip(records, y_pred, probs)) if p != t[label_field]]
     frame = pd.DataFrame(rows, columns=["id", "true", "predicted", "confidence", "text"])
     return frame.sort_values("confidence", ascending=False).head(limit).round(3)
 
 
 # ---------------------------------------------------------------- zero-shot
-_MARK = "\u0000TICKET\u0000"
+_MARK = "\u0000TEXT\u0000"
 
 
-def zero_shot_prompt(tokenizer, labels: Sequence[str], definitions: dict[str, str]) -> tuple[str, str]:
-    """(prefix, suffix template) of the chat prompt; the ticket goes between them. The prefix
-    (instructions and definitions) is the same for every ticket, so it is computed once."""
+def zero_shot_template(data_folder: str | Path) -> str:
+    """The data folder's zero_shot_prompt.txt (its wording of the task), else ZERO_SHOT_TEMPLATE.
+
+    Usage: zero_shot_scores(lm, tok, texts, labels, definitions, template=zero_shot_template("tickets"))
+    """
+    path = dataset_folder(data_folder) / ZERO_SHOT_FILE
+    return path.read_text(encoding="utf-8").rstrip() if path.exists() else ZERO_SHOT_TEMPLATE
+
+
+def zero_shot_prompt(tokenizer, labels: Sequence[str], definitions: dict[str, str],
+                     template: str = ZERO_SHOT_TEMPLATE) -> tuple[str, str]:
+    """(prefix, suffix template) of the chat prompt; the text goes between them. The prefix
+    (instructions and definitions) is the same for every text, so it is computed once.
+    `template` holds {labels} (one "- label: definition" line each) and {text}, once each."""
+    if template.count("{labels}") != 1 or template.count("{text}") != 1:
+        raise ValueError(f"a zero-shot template needs {{labels}} and {{text}} exactly once each; got {template!r:.200}")
     lines = "\n".join(f"- {label}: {definitions.get(label, '')}".rstrip(": ") for label in labels)
-    user = (f"Classify the support ticket into exactly one of these labels.\n{lines}\n\n"
-            f"Ticket:\n{_MARK}\n\nAnswer with the label only.")
+    user = template.replace("{labels}", lines).replace("{text}", _MARK)
     text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                          add_generation_prompt=True)
     prefix, suffix = text.split(_MARK)
@@ -253,20 +289,20 @@ def zero_shot_prompt(tokenizer, labels: Sequence[str], definitions: dict[str, st
 
 @torch.no_grad()
 def zero_shot_scores(model, tokenizer, texts: list[str], labels: list[str], definitions: dict[str, str],
-                     batch_size: int = 8) -> np.ndarray:
+                     batch_size: int = 8, template: str = ZERO_SHOT_TEMPLATE) -> np.ndarray:
     """P(label | prompt with the label definitions), from the causal LM's log-likelihood of
     each label's tokens (plus the end-of-turn token) after the chat template's assistant header,
     normalised over the labels. No generation, no parsing: every label gets a score.
     Returns an array (len(texts), len(labels)).
 
-    Usage: zero_shot_scores(lm, tok, ["my card was charged twice"], labels, DEFINITIONS["category"])
+    Usage: zero_shot_scores(lm, tok, ["my card was charged twice"], labels, read_labels("tickets")["category"])
 
-    Cost: the shared prefix runs once; each batch runs its tickets once, then all labels at once
+    Cost: the shared prefix runs once; each batch runs its texts once, then all labels at once
     on a copy of the cache (label tokens only).
     """
     model.eval()
     device = model.device
-    prefix, suffix = zero_shot_prompt(tokenizer, labels, definitions)
+    prefix, suffix = zero_shot_prompt(tokenizer, labels, definitions, template)
     tok = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     label_tokens = [tok(label) + end for label in labels]
@@ -278,7 +314,7 @@ def zero_shot_scores(model, tokenizer, texts: list[str], labels: list[str], defi
     for start in range(0, len(texts), batch_size):
         chunk = [tok(t[:4000] + suffix) for t in texts[start:start + batch_size]]
         b, width = len(chunk), max(map(len, chunk))
-        # left-pad the ticket part: the padding sits between prefix and ticket, masked out
+        # left-pad the text part: the padding sits between prefix and text, masked out
         ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
         full_mask = torch.cat([torch.ones(b, n_prefix, dtype=mask.dtype, device=device), mask], 1)
@@ -287,7 +323,7 @@ def zero_shot_scores(model, tokenizer, texts: list[str], labels: list[str], defi
         first = model(input_ids=ids, attention_mask=full_mask, position_ids=positions.clamp(min=0),
                       past_key_values=cache, use_cache=True)
         first_logp = torch.log_softmax(first.logits[:, -1].float(), -1)  # (b, vocab)
-        # every label continuation, for every ticket: batch b * n_labels on a repeated cache
+        # every label continuation, for every text: batch b * n_labels on a repeated cache
         cache = first.past_key_values
         cache.batch_repeat_interleave(n_labels)
         t_max = max(map(len, label_tokens))
@@ -317,32 +353,34 @@ def _copy_cache(cache, batch: int):
 
 
 # ---------------------------------------------------------------- the saved classifier
-CONFIG_FILE = "classifier.json"
+# the head module names a sequence-classification model may have (decoders: score, encoders: classifier)
+HEAD_NAMES = ("score", "classifier")
 
 
-class TicketClassifier:
+class Classifier:
     """A sequence-classification model (with or without a LoRA adapter) and what it needs to
-    turn tickets into labels: tokenizer, label list, max_length.
+    turn records into labels: tokenizer, label list, text fields, max_length.
 
     Usage:
-        clf = TicketClassifier(model, tok, labels, base_model="smollm2-135m-instruct",
-                               quantization="nf4", max_length=160, label_field="category")
+        clf = Classifier(model, tok, labels, base_model="smollm2-135m-instruct", label_field="category",
+                         text_fields=["subject", "body"], max_length=160)
         clf.predict([{"subject": "Charged twice", "body": ""}, "Où est mon colis ?"])
-        clf.save(path); load_classifier(path).predict_proba(["..."])
+        clf.save(path); ftnb.saved.load(path).predict_proba(["..."])
     """
 
-    def __init__(self, model, tokenizer, labels: Sequence[str], base_model: str, quantization: str = "none",
-                 max_length: int = 256, label_field: str = "category", batch_size: int = 16):
+    def __init__(self, model, tokenizer, labels: Sequence[str], base_model: str, max_length: int = 256,
+                 label_field: str = "category", text_fields: Sequence[str] = ("subject", "body"),
+                 batch_size: int = 16):
         self.model, self.tokenizer, self.labels = model, tokenizer, list(labels)
-        self.base_model, self.quantization, self.max_length = base_model, quantization, max_length
-        self.label_field, self.batch_size = label_field, batch_size
+        self.base_model, self.max_length, self.label_field = base_model, max_length, label_field
+        self.text_fields, self.batch_size = list(text_fields), batch_size
 
     @torch.no_grad()
-    def probabilities(self, tickets: Sequence[Ticket]) -> np.ndarray:
-        """Softmax probabilities, an array (len(tickets), len(labels)). Batches are formed from
-        tickets of similar length (less padding), results come back in input order."""
+    def probabilities(self, records: Sequence[Record]) -> np.ndarray:
+        """Softmax probabilities, an array (len(records), len(labels)). Batches are formed from
+        records of similar length (less padding), results come back in input order."""
         self.model.eval()
-        texts = [ticket_text(t) for t in tickets]
+        texts = [record_text(r, self.text_fields) for r in records]
         enc = encode(self.tokenizer, texts, self.max_length)["input_ids"]
         order = np.argsort([len(x) for x in enc], kind="stable")
         out = np.zeros((len(texts), len(self.labels)))
@@ -354,66 +392,52 @@ class TicketClassifier:
             out[idx] = torch.softmax(logits, -1).cpu().numpy()
         return out
 
-    def predict_proba(self, tickets: Sequence[Ticket]) -> list[dict[str, float]]:
-        """One {label: probability} dict per ticket."""
-        return [dict(zip(self.labels, map(float, row))) for row in self.probabilities(_as_list(tickets))]
+    def predict_proba(self, records: Sequence[Record]) -> list[dict[str, float]]:
+        """One {label: probability} dict per record."""
+        return [dict(zip(self.labels, map(float, row))) for row in self.probabilities(_as_list(records))]
 
-    def predict(self, tickets: Sequence[Ticket]) -> list[str]:
-        """The most probable label per ticket."""
-        return [self.labels[i] for i in self.probabilities(_as_list(tickets)).argmax(1)]
+    def predict(self, records: Sequence[Record]) -> list[str]:
+        """The most probable label per record."""
+        return [self.labels[i] for i in self.probabilities(_as_list(records)).argmax(1)]
 
     def save(self, path: str | Path) -> Path:
-        """Adapter (LoRA weights and the trained head, via modules_to_save), tokenizer and
-        classifier.json (base model, quantization, labels, max_length) into `path`."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        config = {"base_model": self.base_model, "quantization": self.quantization, "labels": self.labels,
-                  "max_length": self.max_length, "label_field": self.label_field}
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        return path
+        """Adapter (LoRA weights and the trained head) or full model, tokenizer, and the
+        ftnb_model.json manifest (see ftnb.saved) into `path`; ftnb.saved.load reads it back.
+        A head left out of the adapter would reload random: that is an error here, not later."""
+        from ftnb import saved
+
+        head = self._head_name()
+        if hasattr(self.model, "peft_config"):
+            kept = set().union(*(c.modules_to_save or [] for c in self.model.peft_config.values()))
+            if head not in kept:
+                raise ValueError(f"the adapter does not save the trained head {head!r}, so a reload would get a "
+                                 f"random one: create the LoraConfig with modules_to_save=[{head!r}]")
+        task = {"head": head, "labels": self.labels, "label_field": self.label_field,
+                "text_fields": self.text_fields, "max_length": self.max_length}
+        return saved.save(path, self.model, self.tokenizer, "classifier", self.base_model, task)
+
+    def _head_name(self) -> str:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        found = [name for name in HEAD_NAMES if hasattr(base, name)]
+        if not found:
+            raise ValueError(f"the model has no classification head named {' or '.join(HEAD_NAMES)}")
+        return found[0]
 
 
-def _as_list(tickets) -> list:
-    return [tickets] if isinstance(tickets, (str, dict)) else list(tickets)
-
-
-def load_classifier(path: str | Path, batch_size: int = 16) -> TicketClassifier:
-    """Rebuild a saved TicketClassifier: base model (quantized as when trained), adapter and head.
-
-    Usage: clf = load_classifier("outputs/01_ticket_classification/classifier"); clf.predict(["..."])
-    """
-    from peft import PeftModel, prepare_model_for_kbit_training
-
-    from ftnb.models import load_model, load_tokenizer
-
-    path = Path(path)
-    if not (path / CONFIG_FILE).exists():
-        raise FileNotFoundError(f"{path} holds no {CONFIG_FILE}: not a folder written by TicketClassifier.save")
-    config = json.loads((path / CONFIG_FILE).read_text())
-    tokenizer = load_tokenizer(str(path))
-    id2label, label2id = label_maps(config["labels"])
-    base = load_model(config["base_model"], task="seq-cls", quantization=config["quantization"],
-                      num_labels=len(id2label), id2label=id2label, label2id=label2id, tokenizer=tokenizer)
-    if config["quantization"] != "none":
-        # the same dtype casts as at training time, so reloaded predictions match exactly
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    model = PeftModel.from_pretrained(base, path).eval()
-    return TicketClassifier(model, tokenizer, config["labels"], config["base_model"], config["quantization"],
-                            config["max_length"], config["label_field"], batch_size)
+def _as_list(records) -> list:
+    return [records] if isinstance(records, (str, dict)) else list(records)
 
 
 # ---------------------------------------------------------------- demo
-def build_demo(classifier: TicketClassifier, example: str = ""):
-    """An ipywidgets box: ticket text in, label and one confidence bar per label out. It only
+def build_demo(classifier: Classifier, example: str = ""):
+    """An ipywidgets box: a text in, its label and one confidence bar per label out. It only
     reacts to clicks, so papermill runs it without waiting; `example` is classified at once.
 
     Usage: display(build_demo(clf, "My parcel never arrived"))
     """
     import ipywidgets as widgets
 
-    text = widgets.Textarea(value=example, placeholder="Paste a ticket (subject on the first line)",
+    text = widgets.Textarea(value=example, placeholder="Paste a text to classify",
                             layout=widgets.Layout(width="100%", height="90px"))
     button = widgets.Button(description="Classify", button_style="primary")
     result = widgets.HTML()

@@ -5,54 +5,49 @@ Usage:
     train, dropped = sft.build_sft_dataset(rows, tok, max_length=352)   # prompt/completion chat examples
     sft.check_training_examples(trainer.train_dataset, tok)             # labels, end-of-turn, masking
     sft.check_same_template(tok, rows[0])                               # inference prompt == training prefix
-    sft.format_adherence(text, "legal").ok                              # house format checker
+    sft.evaluate(model, tok, test_rows, gen_rows, formats=formats.read_formats("domains"))  # + ROUGE-L
     sft.perplexity(model, tok, rows)                                    # {'loss': ..., 'perplexity': ...}
-    gen = sft.load_generator("outputs/02_domain_generation/adapter")    # adapter or merged folder
+    gen = ftnb.saved.load("outputs/02_domain_generation/adapter")       # adapter or merged folder
     gen.generate("Explain this contract clause in plain English.", "Tenant shall ...")
 
 One function builds the chat messages (`prompt_messages`), and training, evaluation and the
 saved generator all call it: the same system prompt and template at training and inference.
 SmolLM2's template injects its own default system message when none is given, so we always
-pass ours explicitly and store it next to the weights (`ftnb_sft.json`).
+pass ours explicitly and store it in the saved model's manifest (`ftnb_model.json`).
 """
 from __future__ import annotations
 
-import json
 import math
-import re
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
-from threading import Thread
+from threading import Event, Thread
 from typing import Iterable, Iterator
 
 import torch
 from datasets import Dataset
 
+from ftnb.data import Schema
 from ftnb.inference import chat_inputs
+from ftnb.tasks.formats import adherence_report, format_adherence
 
 SYSTEM_PROMPT = "You are a careful assistant. Answer in the requested house format."
-GENERATOR_CONFIG = "ftnb_sft.json"
 IGNORE = -100
-
-# The binding house formats: labels in order, each at the start of its own line.
-HOUSE_LABELS: dict[str, tuple[str, ...]] = {
-    "legal": ("Plain English:", "Your obligations:", "Watch out for:"),
-    "medical": ("Summary:", "What the terms mean:", "Questions to ask your doctor:"),
-    "technical": ("Likely cause:", "Fix:", "How to verify:"),
-}
-_BULLET = re.compile(r"^- \S")
-_TERM_BULLET = re.compile(r"^- \S.*?: \S")  # a term may hold colons itself (LH:FSH, 4:10)
+# The fields every SFT row needs; `domain` groups rows for stratified subsets and per-domain metrics.
+SCHEMA = Schema.of("id", "domain", "instruction", "input", "output")
 
 
-def check_domains(domains: list[str]) -> None:
-    """Raise a ValueError naming any domain without a house format (a typo would otherwise
-    silently train and evaluate on fewer domains).
+def select_domains(requested: list[str], present: Iterable[str]) -> list[str]:
+    """The domains to use: `requested`, or every domain present in the data (sorted) when it is
+    empty. A requested domain absent from the data is a ValueError naming it (a typo would
+    otherwise silently train and evaluate on fewer domains).
 
-    Usage: check_domains(["legal", "technical"])
+    Usage: domains = select_domains(["legal", "technical"], ds["train"]["domain"])
     """
-    unknown = sorted(set(domains) - set(HOUSE_LABELS))
+    known = sorted(set(present))
+    unknown = sorted(set(requested) - set(known))
     if unknown:
-        raise ValueError(f"unknown domain(s) {unknown}; known: {', '.join(HOUSE_LABELS)}")
+        raise ValueError(f"unknown domain(s) {unknown}; the data has: {', '.join(known)}")
+    return list(requested) or known
 
 
 class SFTTrapError(ValueError):
@@ -198,85 +193,7 @@ def check_same_template(tokenizer, rows: list[dict] | Dataset, training_ids: lis
                        f"{tokenizer.decode(first[:40])!r}...: training and inference use different templates")
 
 
-# ---------------------------------------------------------------- house format
-@dataclass
-class FormatResult:
-    """Outcome of the house-format checker: `ok` when every rule holds; `rules` by name."""
-
-    ok: bool
-    rules: dict[str, bool] = field(default_factory=dict)
-
-
-def _sections(lines: list[str], labels: tuple[str, ...]) -> dict[str, list[str]] | None:
-    """Body lines under each label (text after the label on its own line counts as a body line),
-    or None when the labels do not appear at line starts exactly once each, in order."""
-    starts = [[i for i, ln in enumerate(lines) if ln.startswith(label)] for label in labels]
-    if any(len(s) != 1 for s in starts) or [s[0] for s in starts] != sorted(s[0] for s in starts):
-        return None
-    idx = [s[0] for s in starts] + [len(lines)]
-    out = {}
-    for k, label in enumerate(labels):
-        head = lines[idx[k]][len(label):].strip()
-        out[label] = ([head] if head else []) + [ln for ln in lines[idx[k] + 1:idx[k + 1]] if ln.strip()]
-    return out
-
-
-def _sentences(text: str) -> int:
-    return len([s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text.strip()) if s])
-
-
-def _bullets(body: list[str], pattern: re.Pattern, low: int, high: int = 99) -> bool:
-    return low <= len(body) <= high and all(pattern.match(ln) for ln in body)
-
-
-def _numbered(body: list[str], low: int, high: int) -> bool:
-    return low <= len(body) <= high and all(ln.startswith(f"{n}. ") and len(ln) > 3 for n, ln in enumerate(body, 1))
-
-
-def format_adherence(text: str, domain: str) -> FormatResult:
-    """Check one response against its domain's house format (see HOUSE_LABELS). Rules:
-    starts_with_first_label, labels_in_order (each exactly once at a line start), then per section.
-
-    Usage: format_adherence(generated, "medical").rules  -> {'labels_in_order': True, ...}
-    """
-    if domain not in HOUSE_LABELS:
-        raise ValueError(f"unknown domain {domain!r}; known: {', '.join(HOUSE_LABELS)}")
-    labels = HOUSE_LABELS[domain]
-    lines = [ln.rstrip() for ln in text.strip().splitlines()]
-    sections = _sections(lines, labels)
-    rules = {"starts_with_first_label": bool(lines) and lines[0].startswith(labels[0]),
-             "labels_in_order": sections is not None}
-    s = sections or {label: [] for label in labels}
-    first, second, third = (s[label] for label in labels)
-    if domain == "legal":
-        rules["plain_english_1_3_sentences"] = len(first) == 1 and 1 <= _sentences(first[0]) <= 3
-        rules["obligations_bullets"] = _bullets(second, _BULLET, 1)
-        rules["watch_out_bullets"] = _bullets(third, _BULLET, 1)
-    elif domain == "medical":
-        rules["summary_1_2_sentences"] = len(first) == 1 and 1 <= _sentences(first[0]) <= 2
-        rules["term_bullets_at_least_2"] = _bullets(second, _TERM_BULLET, 2)
-        rules["question_bullets_1_3"] = _bullets(third, _BULLET, 1, 3)
-    else:
-        rules["cause_1_2_sentences"] = len(first) == 1 and 1 <= _sentences(first[0]) <= 2
-        rules["fix_numbered_1_4"] = _numbered(second, 1, 4)
-        rules["verify_one_line"] = len(third) == 1
-    return FormatResult(all(rules.values()), rules)
-
-
-def adherence_report(texts: list[str], domains: list[str]):
-    """Pass rate (0-1) of every rule, and of the whole format (`all`), per domain: a DataFrame.
-
-    Usage: adherence_report(generations, test_rows["domain"])
-    """
-    import pandas as pd
-
-    records = []
-    for text, domain in zip(texts, domains, strict=True):
-        result = format_adherence(text, domain)
-        records.append({"domain": domain, "all": result.ok, **result.rules})
-    return pd.DataFrame(records).groupby("domain").mean()
-
-
+# ---------------------------------------------------------------- overlap
 def rouge_l(predictions: list[str], references: list[str]) -> float:
     """Mean ROUGE-L F1 (rouge_score, with stemming) of predictions against references."""
     from rouge_score import rouge_scorer
@@ -323,10 +240,17 @@ def response_nll(model, tokenizer, rows: list[dict] | Dataset, max_length: int =
 
 
 def _aggregate(per_row: list[dict]) -> dict:
+    """Loss and perplexity pooled over the rows' response tokens. Over zero tokens both are NaN,
+    with a warning: exp(0) = 1 would read as a perfect model."""
     tokens = sum(r["tokens"] for r in per_row)
-    loss = sum(r["nll"] for r in per_row) / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens,
-            "truncated": sum(r["truncated"] for r in per_row)}
+    truncated = sum(r["truncated"] for r in per_row)
+    if tokens:
+        loss = sum(r["nll"] for r in per_row) / tokens
+    else:
+        warnings.warn(f"perplexity over zero response tokens ({len(per_row)} row(s), {truncated} cut by "
+                      f"max_length before their response): reported as NaN", stacklevel=3)
+        loss = math.nan
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "truncated": truncated}
 
 
 def perplexity(model, tokenizer, rows: list[dict] | Dataset, max_length: int = 384, batch_size: int = 8,
@@ -407,73 +331,64 @@ class Generator:
                               **{**self.decoding, **generation_kwargs})[0]
 
     def stream(self, instruction: str, input: str, **generation_kwargs) -> Iterator[str]:
-        """Yield the response text piece by piece as it is generated (TextIteratorStreamer)."""
-        from transformers import TextIteratorStreamer
+        """Yield the response text piece by piece as it is generated (TextIteratorStreamer).
+        An error in generation is raised here, once the text before it is out; leaving the loop
+        early (break, close) stops generation at the next token and waits for its thread to end.
+
+        Usage: for piece in gen.stream(instruction, input): print(piece, end="", flush=True)
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         enc = chat_inputs(self.tokenizer, prompt_messages(instruction, input, self.system), self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = decoding_kwargs(self.tokenizer, enc["input_ids"].shape[1], **{**self.decoding, **generation_kwargs})
-        thread = Thread(target=self.model.generate, kwargs={**enc, "streamer": streamer, **kwargs})
+        stop = Event()
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []), _StopWhenSet(stop)])
+        failures: list[BaseException] = []
+        thread = Thread(target=_generate_into, args=(self.model, streamer, failures), kwargs={**enc, **kwargs})
         thread.start()
-        yield from streamer
-        thread.join()
+        try:
+            yield from streamer
+        finally:
+            stop.set()
+            thread.join()
+        if failures:
+            raise failures[0]
+
+
+class _StopWhenSet:
+    """A stopping criterion for model.generate: stop every sequence once `event` is set (by
+    another thread)."""
+
+    def __init__(self, event: Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _generate_into(model, streamer, failures: list[BaseException], **kwargs) -> None:
+    """model.generate(streamer=streamer, **kwargs), run in a thread: an exception is kept in
+    `failures` for the consuming thread and ends the stream, whose reader would otherwise wait forever."""
+    try:
+        model.generate(streamer=streamer, **kwargs)
+    except BaseException as error:  # noqa: BLE001 - re-raised by the consumer
+        failures.append(error)
+        streamer.end()
 
 
 # ---------------------------------------------------------------- save, merge, reload
-def save_generator(model, tokenizer, folder: str | Path, base_model: str | None = None,
-                   quantization: str = "none", system: str = SYSTEM_PROMPT, decoding: dict | None = None) -> Path:
-    """Save weights (an adapter for a PeftModel, else the full model), the tokenizer and
-    ftnb_sft.json (system prompt, default decoding settings; for adapters the base model and its
-    quantization).
+def save_generator(model, tokenizer, folder: str | Path, base_model: str, system: str = SYSTEM_PROMPT,
+                   decoding: dict | None = None) -> Path:
+    """Save weights (the adapters of a PeftModel, else the full model), the tokenizer and the
+    ftnb_model.json manifest (see ftnb.saved): the base model, its quantization and parameter
+    dtypes, the system prompt and the default decoding settings. ftnb.saved.load reads it back.
 
-    Usage: save_generator(trainer.model, tok, f"{output_dir}/adapter", base_model=model, quantization="nf4")
+    Usage: save_generator(trainer.model, tok, f"{output_dir}/adapter", base_model=model, decoding={"top_k": 5})
     """
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    config = {"system": system, "decoding": decoding or {}, "base_model": base_model, "quantization": quantization}
-    (folder / GENERATOR_CONFIG).write_text(json.dumps(config, indent=2))
-    return folder
+    from ftnb import saved
 
-
-def _generator_config(folder: Path) -> dict:
-    path = folder / GENERATOR_CONFIG
-    if not path.exists():
-        raise FileNotFoundError(f"{folder} has no {GENERATOR_CONFIG}; save it with ftnb.tasks.sft.save_generator")
-    return json.loads(path.read_text())
-
-
-def load_adapter_model(folder: str | Path, base_model=None):
-    """Base model (loaded with the recorded quantization unless given) with the saved adapter."""
-    from peft import PeftModel
-
-    from ftnb.models import load_model
-
-    config = _generator_config(Path(folder))
-    if base_model is None:
-        base_model = load_model(config["base_model"], quantization=config["quantization"])
-    return PeftModel.from_pretrained(base_model, str(folder))
-
-
-def load_generator(path: str | Path) -> Generator:
-    """A Generator from a folder written by save_generator or export_merged: an adapter folder
-    (loads the base model, quantized as in training, and attaches the adapter) or a merged folder
-    (plain transformers, no peft).
-
-    Usage: load_generator("outputs/02_domain_generation/merged").generate(instruction, input)
-    """
-    from transformers import AutoModelForCausalLM
-
-    from ftnb.models import load_tokenizer
-
-    folder = Path(path)
-    config = _generator_config(folder)
-    tokenizer = load_tokenizer(str(folder))
-    if (folder / "adapter_config.json").exists():
-        model = load_adapter_model(folder)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(folder)
-    return Generator(model, tokenizer, system=config["system"], decoding=config.get("decoding"))
+    return saved.save(folder, model, tokenizer, "generator", base_model, {"system": system, "decoding": decoding or {}})
 
 
 def merge_into_dequantized(adapter_folder: str | Path, dtype: torch.dtype = torch.float32):
@@ -484,27 +399,47 @@ def merge_into_dequantized(adapter_folder: str | Path, dtype: torch.dtype = torc
 
     Usage: merged = merge_into_dequantized(f"{output_dir}/adapter")
     """
-    from ftnb.models import load_model
+    from ftnb import saved
 
-    config = _generator_config(Path(adapter_folder))
-    base = load_model(config["base_model"], quantization=config["quantization"], dtype=dtype)
-    if config["quantization"] != "none":
+    manifest = saved.read_manifest(adapter_folder)
+    if manifest["weights"]["format"] != "adapters":
+        raise ValueError(f"{adapter_folder} holds merged weights already: nothing to merge")
+    base = saved.load_base(manifest, dtype=dtype)
+    if manifest["quantization"] is not None:
         base = base.dequantize(dtype=dtype)
-    return load_adapter_model(adapter_folder, base_model=base).merge_and_unload()
+    return saved.attach_adapters(base, adapter_folder, manifest["weights"]).merge_and_unload()
 
 
 def export_merged(adapter_folder: str | Path, dest: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a merged checkpoint (config, safetensors, tokenizer, ftnb_sft.json) that loads with
-    AutoModelForCausalLM.from_pretrained alone. Returns dest.
+    """Write a merged checkpoint (config, safetensors, tokenizer, ftnb_model.json) that loads with
+    AutoModelForCausalLM.from_pretrained alone, or as a Generator with ftnb.saved.load. Returns dest.
 
     Usage: export_merged(f"{output_dir}/adapter", f"{output_dir}/merged")
     """
-    from ftnb.models import load_tokenizer
+    from ftnb import saved
 
-    config = _generator_config(Path(adapter_folder))
+    manifest = saved.read_manifest(adapter_folder)
     merged = merge_into_dequantized(adapter_folder, dtype)
-    return save_generator(merged, load_tokenizer(str(adapter_folder)), dest, base_model=config["base_model"],
-                          quantization="none", system=config["system"], decoding=config.get("decoding"))
+    merged_from = {**manifest["weights"], "quantization": manifest["quantization"],
+                   "how": f"adapter merged into the de-quantized base, in {saved.dtype_name(dtype)}"}
+    return saved.save(dest, merged, saved.load_tokenizer(adapter_folder), "generator", manifest["base_model"],
+                      manifest["task"], merged_from=merged_from)
+
+
+@torch.no_grad()
+def next_token_logits(model, tokenizer, rows: list[dict] | Dataset, system: str = SYSTEM_PROMPT) -> torch.Tensor:
+    """The logits of the first answer token for each row's prompt, one prompt at a time (no
+    padding): a small fingerprint of a model to compare across processes, e.g. after a reload.
+
+    Usage: (next_token_logits(trained, tok, rows) - next_token_logits(reloaded, tok, rows)).abs().max()
+    """
+    model.eval()
+    rows = _rows(rows)
+    logits = []
+    for row in rows:
+        enc = chat_inputs(tokenizer, prompt_messages(row["instruction"], row["input"], system), model.device)
+        logits.append(model(**enc).logits[0, -1].float().cpu())
+    return torch.stack(logits)
 
 
 @torch.no_grad()
@@ -551,9 +486,12 @@ def show_label_mask(input_ids: list[int], labels: list[int], tokenizer):
 
 def evaluate(model, tokenizer, ppl_rows: list[dict], gen_rows: list[dict], max_length: int = 384,
              max_new_tokens: int = 200, batch_size: int = 8, system: str = SYSTEM_PROMPT,
-             ppl_batch_size: int = 8, **generation_kwargs):
+             ppl_batch_size: int = 8, formats: dict | None = None, **generation_kwargs):
     """Held-out perplexity on `ppl_rows` and, on the generations for `gen_rows`, format adherence
     and ROUGE-L: one row per domain plus 'all'. Returns (table, per-rule pass rates, generations).
+    Format adherence is judged against `formats` (ftnb.tasks.formats.read_formats); a domain
+    without a house format gets NaN there (not applicable, not 0), and its rows are left out of
+    'all' and of the per-rule table.
     `batch_size` is for generation, which keeps one row of logits per prompt; the perplexity pass
     keeps full-vocabulary logits for every token (batch x length x 49k floats for SmolLM2), so it
     has its own, smaller `ppl_batch_size`.
@@ -562,6 +500,7 @@ def evaluate(model, tokenizer, ppl_rows: list[dict], gen_rows: list[dict], max_l
     """
     import pandas as pd
 
+    formats = formats or {}
     ppl_rows, gen_rows = _rows(ppl_rows), _rows(gen_rows)
     nll = response_nll(model, tokenizer, ppl_rows, max_length, ppl_batch_size, system)
     outputs = generate_batch(model, tokenizer, gen_rows, max_new_tokens, batch_size, system, **generation_kwargs)
@@ -571,11 +510,12 @@ def evaluate(model, tokenizer, ppl_rows: list[dict], gen_rows: list[dict], max_l
         keep = lambda r: domain in ("all", r["domain"])  # noqa: E731
         ppl = _aggregate([n for n, r in zip(nll, ppl_rows) if keep(r)])
         pairs = [(o, r) for o, r in zip(outputs, gen_rows) if keep(r)]
+        judged = [format_adherence(o, formats[r["domain"]]).ok for o, r in pairs if r["domain"] in formats]
         table[domain] = {
             "perplexity": ppl["perplexity"], "loss": ppl["loss"],
-            "format_adherence": sum(format_adherence(o, r["domain"]).ok for o, r in pairs) / max(len(pairs), 1),
+            "format_adherence": sum(judged) / len(judged) if judged else math.nan,
             "rougeL": rouge_l([o for o, _ in pairs], [r["output"] for _, r in pairs]), "generated": len(pairs)}
-    rules = adherence_report(outputs, [r["domain"] for r in gen_rows])
+    rules = adherence_report(outputs, [r["domain"] for r in gen_rows], formats)
     return pd.DataFrame(table).T, rules, outputs
 
 
