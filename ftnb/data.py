@@ -74,19 +74,30 @@ def dataset_folder(name_or_dir: str | Path) -> Path:
                     f"(known: {', '.join(known) or 'none'})")
 
 
+def read_folder_json(name_or_dir: str | Path, filename: str) -> tuple[Path | None, object]:
+    """(path, parsed content) of an optional JSON file in a dataset folder; (None, None) when the
+    folder has no such file. Invalid JSON is a DataError naming the file and line.
+
+    Usage: path, spec = read_folder_json("domains", "formats.json")
+    """
+    path = dataset_folder(name_or_dir) / filename
+    if not path.exists():
+        return None, None
+    try:
+        return path, json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 def read_labels(name_or_dir: str | Path) -> dict[str, dict[str, str]]:
     """The folder's labels.json, {label_field: {label: definition}} in file order (the order
     fixes the label ids); {} when the folder has none. A definition may be "".
 
     Usage: list(read_labels("tickets")["category"])  -> ['billing', 'refund', ...]
     """
-    path = dataset_folder(name_or_dir) / LABELS_FILE
-    if not path.exists():
+    path, labels = read_folder_json(name_or_dir, LABELS_FILE)
+    if path is None:
         return {}
-    try:
-        labels = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     expected = 'expected {"label_field": {"label": "definition", ...}, ...}'
     if not isinstance(labels, dict):
         raise DataError(f"{path}: {expected}")

@@ -27,12 +27,11 @@ exactly once, at a line start, in order).
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftnb.data import DataError, dataset_folder
+from ftnb.data import DataError, read_folder_json
 
 FORMATS_FILE = "formats.json"
 _BULLET = re.compile(r"^- \S")
@@ -95,13 +94,9 @@ def read_formats(name_or_dir: str | Path) -> dict[str, list[Section]]:
 
     Usage: read_formats("domains")["legal"][0].label  -> 'Plain English:'
     """
-    path = dataset_folder(name_or_dir) / FORMATS_FILE
-    if not path.exists():
+    path, spec = read_folder_json(name_or_dir, FORMATS_FILE)
+    if path is None:
         return {}
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(spec, dict) or not all(isinstance(v, list) and v for v in spec.values()):
         raise DataError(f'{path}: expected {{"group": [{{"label": "...", "body": "bullets", ...}}, ...], ...}}')
     try:
