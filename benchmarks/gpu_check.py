@@ -18,7 +18,7 @@ the allocator to a T4's 14.7 GiB. Each notebook runs in its own process. Per pha
 
   00  load fp32 and 4-bit copies + one forward; chat (3 prompts, 48 new tokens); QLoRA training
       (batch_size x max_length, the Trainer with fp16 autocast); chat again.
-  01  zero-shot scoring (prefix cache, tickets, then every label on a repeated cache, batch 16);
+  01  zero-shot scoring (prefix cache, tickets, then one pass per label on that cache, batch 16);
       4-bit classifier + LoRA training (batch_size x max_length, grad_accum); one evaluation batch.
   02  perplexity batch (8 x max_length) and batched generation (gen_batch_size prompts, longest
       test prompt, max_new_tokens forced); QLoRA training (packed rows: batch_size x max_length);
@@ -27,6 +27,13 @@ the allocator to a T4's 14.7 GiB. Each notebook runs in its own process. Per pha
       scoring (batch_size), generation (1 prompt, gen_tokens).
   04  the notebook's own measurement (ftnb.estimate._measure_here) for the base setting and every
       setting of its sweep, in fp16.
+  05  two 4-bit classifiers loaded together, one with ftnb.lora's LoRA and one with peft's; each
+      trained in turn (batch_size x max_length, grad_accum).
+  07  the short QLoRA SFT it runs without a given generator (batch_size x max_length), then greedy
+      generation at the largest speed batch with the NF4 + LoRA model and with the merged model in fp16.
+  09  offloaded generation (ftnb.offload) at each of its offload_shares: the GPU capped so that
+      share of the layers spills to CPU RAM. Its estimator tables need no GPU; its multi-process
+      launch needs the course data (datasets), so it is not run there.
 
 Not covered (no data/trl/sklearn libraries or weights there): data loading and checks, TRL's
 packing and completion masks (sequences are random tokens at full max_length, an upper bound
@@ -77,7 +84,11 @@ DRY_RUN = {"00_quickstart": dict(batch_size=2, max_length=32),
            "02_domain_generation": dict(batch_size=2, max_length=48, gen_batch_size=2, max_new_tokens=4),
            "03_quantization": dict(formats=["half", "nf4"], batch_size=2, max_length=32, gen_tokens=4,
                                    eval_rows=2, ticket_rows=2),
-           "04_memory_lab": dict(batch_size=2, seq_len=32, effective_batch=2, steps=1, sweep=[])}
+           "04_memory_lab": dict(batch_size=2, seq_len=32, effective_batch=2, steps=1, sweep=[]),
+           "05_lora_from_scratch": dict(batch_size=2, max_length=32, grad_accum=1),
+           "07_inference_and_serving": dict(batch_size=2, max_length=32, speed_batches=[1, 2], max_new_tokens=4,
+                                            speed_tokens=2),
+           "09_scale_out": dict(offload_shares=[0.0, 1.0], offload_repeats=1, offload_new_tokens=2)}
 # Installed here but not on the GPU machine: a dry run hides them, so it proves the script does
 # without them (the parameters cell is parsed with ast, the data read with json).
 ABSENT_ON_GPU_MACHINE = ("datasets", "pyarrow", "papermill", "nbformat", "trl", "sklearn", "scipy", "pandas",
@@ -134,8 +145,8 @@ def notebook_estimates(notebook: str, params: dict, model: str, half: str = "flo
     p, out = params, {}
     cuda = dict(device="cuda", compute_dtype=half)
     n_labels = len(ticket_labels(p["label_field"], p["data_dir"])) if "label_field" in p else 2
-    if notebook in ("00_quickstart", "01_ticket_classification", "02_domain_generation"):
-        classifier = notebook == "01_ticket_classification"
+    if notebook in ("00_quickstart", "01_ticket_classification", "02_domain_generation", "05_lora_from_scratch"):
+        classifier = notebook in ("01_ticket_classification", "05_lora_from_scratch")
         out["training"] = estimate_training_memory(
             model, p["quantization"], p["double_quant"], p["lora_r"], p.get("target_modules", "all-linear"),
             p["batch_size"], p["max_length"], p["gradient_checkpointing"], "adamw",
@@ -143,12 +154,26 @@ def notebook_estimates(notebook: str, params: dict, model: str, half: str = "flo
             padded=not p.get("packing", False), grad_accumulation=p.get("grad_accum", 1), **cuda)
     if notebook == "01_ticket_classification" and lengths:
         out["zero-shot"] = estimate_inference_memory(
-            model, p["quantization"], p["double_quant"], SIZES["zero_shot_batch"] * n_labels,
+            model, p["quantization"], p["double_quant"], SIZES["zero_shot_batch"],
             lengths["zero_shot_prefix"] + lengths["ticket"] + LABEL_TOKENS, **cuda)
     if notebook == "02_domain_generation" and lengths:
         out["generation"] = estimate_inference_memory(
             model, p["quantization"], p["double_quant"], p["gen_batch_size"],
             lengths["domain_prompt"] + p["max_new_tokens"], **cuda)
+    if notebook == "07_inference_and_serving":
+        for task, length in (("seq-cls", SHORT_TRAINING["classifier_length"]), ("causal-lm", p["max_length"])):
+            out[f"{task} training"] = estimate_training_memory(
+                model, p["quantization"], True, SHORT_TRAINING["lora_r"], "all-linear", p["batch_size"], length, False,
+                "adamw", task=task, lora_dropout=SHORT_TRAINING["lora_dropout"],
+                num_labels=len(ticket_labels("category")), **cuda)
+        if lengths:
+            batch, tokens = max(p["speed_batches"]), lengths["domain_prompt"] + max(p["max_new_tokens"], p["speed_tokens"])
+            out["generation, NF4 + LoRA"] = estimate_inference_memory(model, p["quantization"], True, batch, tokens, **cuda)
+            out["generation, merged"] = estimate_inference_memory(model, "none", False, batch, tokens, **cuda)
+    if notebook == "09_scale_out":  # the whole model in memory (share 0) is the largest of its phases
+        prompt = lengths["chat_prompt"] if lengths else DRY_RUN_TOKENS
+        out["offloaded generation"] = estimate_inference_memory(model, "none", False, 1, prompt + p["offload_new_tokens"],
+                                                                device="cuda", compute_dtype="float32")
     if notebook == "03_quantization":
         for name in p["formats"]:
             quantization, double_quant, dtype = QUANT_FORMATS[name]
@@ -334,7 +359,7 @@ def _perplexity(net, batch: int, length: int, batches: int = 2) -> None:
 
 def _zero_shot(net, batch: int, lengths: dict, n_labels: int) -> None:
     """The shape of classify.zero_shot_scores: the prefix once, its cache repeated for a batch of
-    tickets, then every label on the cache repeated once more per label."""
+    tickets (last position's logits only), then one pass per label on that cache, cut back after it."""
     import torch
 
     vocab, device = net.config.vocab_size, net.device
@@ -344,12 +369,11 @@ def _zero_shot(net, batch: int, lengths: dict, n_labels: int) -> None:
         cache.batch_repeat_interleave(batch)
         first = net(input_ids=_ids(batch, ticket, vocab, device),
                     attention_mask=torch.ones(batch, prefix + ticket, dtype=torch.long, device=device),
-                    past_key_values=cache, use_cache=True)
-        cache = first.past_key_values
-        cache.batch_repeat_interleave(n_labels)
-        rows = batch * n_labels
-        net(input_ids=_ids(rows, LABEL_TOKENS, vocab, device), past_key_values=cache,
-            attention_mask=torch.ones(rows, prefix + ticket + LABEL_TOKENS, dtype=torch.long, device=device))
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for _ in range(n_labels):
+            net(input_ids=_ids(batch, LABEL_TOKENS, vocab, device), past_key_values=first.past_key_values,
+                attention_mask=torch.ones(batch, prefix + ticket + LABEL_TOKENS, dtype=torch.long, device=device))
+            first.past_key_values.crop(-LABEL_TOKENS)
 
 
 def quickstart(model_dir: str, p: dict, check: Check) -> dict:
@@ -390,8 +414,7 @@ def ticket_classification(model_dir: str, p: dict, check: Check) -> dict:
 
     check.run("zero-shot scoring", zero_shot, estimate="zero-shot")
     net = _add_lora(_load(model_dir, p, task="seq-cls", num_labels=n_labels, tokenizer=tok), p, task="seq-cls")
-    ids = _ids(p["batch_size"] * p.get("grad_accum", 1) * check.sizes["train_steps"], p["max_length"], net.config.vocab_size, "cpu")
-    rows = [{"input_ids": r, "attention_mask": [1] * len(r), "labels": i % n_labels} for i, r in enumerate(ids.tolist())]
+    rows = _labelled_rows(p, n_labels, net.config.vocab_size, check)
     step = check.run("QLoRA classifier training", lambda: _train(net, p, rows, check), estimate="training")
     net.eval()
 
@@ -400,6 +423,32 @@ def ticket_classification(model_dir: str, p: dict, check: Check) -> dict:
             net(input_ids=_ids(2 * p["batch_size"], p["max_length"], net.config.vocab_size, net.device))
 
     check.run("evaluation batch", evaluate)
+    return {"seconds_per_step": step}
+
+
+def _labelled_rows(p: dict, n_labels: int, vocab: int, check: Check) -> list[dict]:
+    """Random tickets at full max_length with labels, enough for the training phase's steps."""
+    ids = _ids(p["batch_size"] * p.get("grad_accum", 1) * check.sizes["train_steps"], p["max_length"], vocab, "cpu")
+    return [{"input_ids": r, "attention_mask": [1] * len(r), "labels": i % n_labels} for i, r in enumerate(ids.tolist())]
+
+
+def lora_from_scratch(model_dir: str, p: dict, check: Check) -> dict:
+    from peft import prepare_model_for_kbit_training
+
+    from ftnb.lora import LoraConfig, inject_adapters
+    from ftnb.models import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    n_labels = len(ticket_labels(p["label_field"], p["data_dir"]))
+    load = lambda: _load(model_dir, p, task="seq-cls", num_labels=n_labels, tokenizer=tok)  # noqa: E731
+    ours = prepare_model_for_kbit_training(load(), use_gradient_checkpointing=p["gradient_checkpointing"])
+    inject_adapters(ours, LoraConfig(r=p["lora_r"], alpha=p["lora_alpha"], dropout=p["lora_dropout"],
+                                     target_modules=p["target_modules"], trainable_modules=("score",)))
+    ours._hf_peft_config_loaded = True  # as in the notebook: the Trainer's sign that adapters are attached
+    theirs = _add_lora(load(), p, task="seq-cls")  # both stay loaded, as in the notebook
+    rows = _labelled_rows(p, n_labels, ours.config.vocab_size, check)
+    step = check.run("our LoRA classifier training", lambda: _train(ours, p, rows, check), estimate="training")
+    check.run("peft LoRA classifier training", lambda: _train(theirs, p, rows, check), estimate="training")
     return {"seconds_per_step": step}
 
 
@@ -472,9 +521,47 @@ def memory_lab(model_dir: str, p: dict, check: Check) -> dict:
     return {}
 
 
+# 07's short trainings: the settings its training cell fixes (recipes 01 and 02's LoRA, no checkpointing)
+SHORT_TRAINING = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, learning_rate=1e-3, double_quant=True,
+                      gradient_checkpointing=False, classifier_length=128)
+
+
+def inference_and_serving(model_dir: str, p: dict, check: Check) -> dict:
+    from ftnb.env import pick_dtype
+    from ftnb.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    p = {**p, **SHORT_TRAINING}
+    net = _add_lora(_load(model_dir, p), p)
+    rows = _lm_rows(p["batch_size"] * check.sizes["train_steps"], p["max_length"], net.config.vocab_size)
+    step = check.run("short QLoRA SFT", lambda: _train(net, p, rows, check), estimate="causal-lm training")
+    net.eval()
+    batch, new_tokens = max(p["speed_batches"]), max(p["max_new_tokens"], p["speed_tokens"])
+    generate = lambda model: _generate(model, batch, check.lengths["domain_prompt"], new_tokens, tok.pad_token_id)  # noqa: E731
+    check.run("generation, NF4 + LoRA", lambda: generate(net), estimate="generation, NF4 + LoRA")
+    del net
+    check.run("generation, merged", lambda: generate(load_model(model_dir, dtype=pick_dtype()).eval()),
+              estimate="generation, merged")
+    return {"seconds_per_step": step}
+
+
+def scale_out(model_dir: str, p: dict, check: Check) -> dict:
+    from ftnb.offload import offloaded_generation_times
+
+    rows = []
+    for share in p["offload_shares"]:  # one phase per share: each its own peak
+        rows += check.run(f"generation, {share:.0%} of the layers offloaded",
+                          lambda s=share: offloaded_generation_times(model_dir, [s], p["offload_repeats"],
+                                                                     p["offload_new_tokens"]),
+                          estimate="offloaded generation" if share == 0 else None)
+    return {"offload": [{k: r[k] for k in ("share_offloaded", "spilled_to", "seconds", "tokens_per_second")}
+                        for r in rows]}
+
+
 WORKLOADS = {"00_quickstart": quickstart, "01_ticket_classification": ticket_classification,
              "02_domain_generation": domain_generation, "03_quantization": quantization_formats,
-             "04_memory_lab": memory_lab}
+             "04_memory_lab": memory_lab, "05_lora_from_scratch": lora_from_scratch,
+             "07_inference_and_serving": inference_and_serving, "09_scale_out": scale_out}
 
 
 def check_notebook(notebook: str, model_dir: str, lengths: dict, dry_run: bool = False) -> dict:

@@ -1,10 +1,11 @@
-"""Command line: python -m ftnb {run,list,check,env} ...
+"""Command line: python -m ftnb {run,list,check,env,serve} ...
 
 Usage:
     python -m ftnb run 00_quickstart --preset smoke -p max_steps 20 -p learning_rate 1e-3
     python -m ftnb list                 # notebooks, their presets and parameters
     python -m ftnb check notebooks/*.ipynb
     python -m ftnb env
+    python -m ftnb serve runs/x/adapter legal=runs/y/adapter --port 8000   # OpenAI-compatible HTTP server
 """
 from __future__ import annotations
 
@@ -60,6 +61,18 @@ def _env(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from ftnb.serve import serve
+
+    try:
+        serve(args.models, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+              max_new_tokens_limit=args.max_new_tokens_limit, batch_wait_ms=args.batch_wait_ms)
+    except (FileNotFoundError, ValueError) as e:  # a folder that is not a saved model, a clash of names
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ftnb", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("notebooks", nargs="+", type=Path)
     check.set_defaults(func=_check)
     sub.add_parser("env", help="print the environment report").set_defaults(func=_env)
+    serve = sub.add_parser("serve", help="serve saved models over an OpenAI-compatible HTTP API (see ftnb.serve)")
+    serve.add_argument("models", nargs="+", metavar="FOLDER_OR_NAME=FOLDER",
+                       help="folders saved by ftnb; NAME=FOLDER serves it as NAME (default: the folder's name)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch-size", type=int, default=16, help="requests generated together at most")
+    serve.add_argument("--batch-wait-ms", type=float, default=20.0,
+                       help="how long a request waits for others to batch with (a CPU step takes far longer)")
+    serve.add_argument("--max-new-tokens-limit", type=int, default=512, help="the largest max_tokens accepted")
+    serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     return args.func(args)
 

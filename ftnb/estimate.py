@@ -46,8 +46,13 @@ GPUS: dict[str, float] = {
     "A100 80 GB": 79.1 * GIB,
     "H100 80 GB": 79.1 * GIB,
     "H200 141 GB": 139.8 * GIB,
+    # not measured here: the totals torch prints in its out-of-memory messages on these cards
+    "RTX 4090 24 GB": 23.6 * GIB,
+    "L40S 48 GB": 44.4 * GIB,
 }
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
+# Bytes of optimizer state per trainable parameter (paged 8-bit AdamW: in CUDA unified memory, outside the allocator)
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 0, "sgd": 0}
 QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
@@ -179,6 +184,13 @@ REFERENCE_CONFIGS: dict[str, dict] = {
     "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                          tie_word_embeddings=False, dtype="bfloat16"),
+    # Llama-3-70B has the same shape as 3.1 (they differ in RoPE scaling and context length only)
+    "llama-3.1-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                          num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                          tie_word_embeddings=False, dtype="bfloat16"),
+    "llama-2-70b": dict(model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                        tie_word_embeddings=False, dtype="float16"),
 }
 
 
@@ -459,7 +471,9 @@ def _default_device() -> str:
 
 def _weight_rows(shape: ModelShape, quantization: str, double_quant: bool, load_bytes: int,
                  float_bytes: int, task: str, num_labels: int, device: str, load_dtype: str) -> list[dict]:
-    """Weights by storage: quantised linears, their constants, and what stays floating point."""
+    """Weights by storage, in this order (ftnb.estimate_distributed relies on it): the linears (for
+    4 bits the packed weights, then their constants), what stays floating point, and on CPU the
+    mapped checkpoint pages."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     rows = []
@@ -553,7 +567,7 @@ def estimate_training_memory(
     rows += _weight_rows(shape, quantization, double_quant, cd, float_bytes, task, num_labels, device,
                          settings["compute_dtype"])
     n_lora = lora_params(shape, lora_r, lora_targets) + (shape.head_params(task, num_labels) if task == "seq-cls" else 0)
-    state_bytes = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 0, "sgd": 0}[optimizer]
+    state_bytes = OPTIMIZER_STATE_BYTES[optimizer]
     # gradients appear during backward, as activations are freed, so they are not part of the
     # peak at the start of backward, unless accumulation keeps them across passes
     grad_bytes = n_lora * 4 if grad_accumulation > 1 else 0

@@ -298,13 +298,14 @@ def load_tokenizer(name_or_path: str, padding_side: str | None = None) -> PreTra
     return tokenizer
 
 
-def bnb_config(quantization: str, double_quant: bool = True,
-               compute_dtype: torch.dtype | None = None) -> BitsAndBytesConfig | None:
+def bnb_config(quantization: str, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+               quant_storage: torch.dtype | None = None) -> BitsAndBytesConfig | None:
     """The BitsAndBytesConfig for "none" | "int8" | "nf4" | "fp4" (None for "none").
 
     NF4 stores each weight as a 4-bit index into 16 levels spaced for normally distributed
     weights, with one scale (absmax) per block of 64; double quantisation stores those
-    scales in 8 bits too, saving about 0.4 bit per weight.
+    scales in 8 bits too, saving about 0.4 bit per weight. `quant_storage` is the dtype the packed
+    4-bit weights are stored in (default uint8); FSDP needs it equal to the compute dtype to shard them.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
@@ -314,24 +315,27 @@ def bnb_config(quantization: str, double_quant: bool = True,
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=compute_dtype or pick_dtype(), llm_int8_skip_modules=HEAD_MODULES)
+        bnb_4bit_compute_dtype=compute_dtype or pick_dtype(), bnb_4bit_quant_storage=quant_storage or torch.uint8,
+        llm_int8_skip_modules=HEAD_MODULES)
 
 
 def load_model(name_or_path: str, task: str = "causal-lm", quantization: str = "none",
                double_quant: bool = True, dtype: torch.dtype | None = None,
-               tokenizer: PreTrainedTokenizerBase | None = None, **kwargs) -> PreTrainedModel:
+               tokenizer: PreTrainedTokenizerBase | None = None, quant_storage: torch.dtype | None = None,
+               **kwargs) -> PreTrainedModel:
     """Load a causal LM or a sequence classifier, optionally quantised by bitsandbytes.
 
     Usage:
         load_model("smollm2-135m-instruct", quantization="nf4")
         load_model("smollm2-135m-instruct", task="seq-cls", quantization="nf4",
                    num_labels=8, id2label=..., label2id=..., tokenizer=tok)
-    `dtype` is the compute dtype (default: pick_dtype()); extra kwargs go to from_pretrained.
+    `dtype` is the compute dtype (default: pick_dtype()); `quant_storage` see bnb_config; extra kwargs
+    go to from_pretrained (a `device_map` given there replaces the default placement of 4-bit weights).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, not {task!r}")
     dtype = dtype or pick_dtype()
-    quant = bnb_config(quantization, double_quant, dtype)
+    quant = bnb_config(quantization, double_quant, dtype, quant_storage)
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs.setdefault("device_map", {"": 0} if device_type() == "cuda" else {"": "cpu"})

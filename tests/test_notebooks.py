@@ -61,8 +61,53 @@ def _memory_lab(m: dict) -> None:
     assert m["sweep"] and _finite(m["estimate_mib"], m["max_abs_error"]) and m["estimate_mib"] > 0
 
 
+def _lora_from_scratch(m: dict) -> None:
+    assert m["b_zero_max_logit_diff"] == 0.0  # B = 0: the wrapped model is the base model, bit for bit
+    assert all(v <= 1e-5 for v in m["peft_equivalence_max_abs_diff"].values())  # ours computes peft's LoRA
+    assert m["start_max_logit_diff"] == 0.0 and m["loss_max_abs_diff"] <= 1e-4  # same start, same training
+    assert m["test_macro_f1_within_0_01"] and abs(m["test_macro_f1_difference"]["estimate"]) <= 0.01
+    for run in m["training"].values():
+        assert _finite(run["tokens_per_second"], run["peak_mib"]) and run["tokens_per_second"] > 0
+        assert all(run[split]["low"] <= run[split]["estimate"] <= run[split]["high"] for split in ("validation", "test"))
+    assert all(_finite(ratio) and ratio > 0 for ratio in m["dora_lora_time_ratio"].values())
+    slopes = m["rank_sweep"]["log_log_slope"]  # alpha / r shrinks the update as r grows, alpha / sqrt(r) does not
+    assert slopes["LoRA"] < -0.3 and abs(slopes["rsLoRA"]) < 0.2
+    merge = m["merge_4bit"]
+    assert merge["models"]["merged, fp32"]["max_probability_diff"] < 1e-4  # a float merge computes the adapter's outputs
+    assert merge["sizes_mib"]["adapter_on_disk"] < merge["sizes_mib"]["merged_4bit"] < merge["sizes_mib"]["merged_fp32"]
+
+
+def _inference_and_serving(m: dict) -> None:
+    generator, classifier = m["generator_quality"], m["classifier_quality"]
+    assert "CTranslate2 int8" in generator and "transformers fp32 merged" in generator and len(classifier) >= 2
+    for row in generator.values():  # a Wilson interval per format, a paired interval for its delta to the source
+        ci, delta = row["format_adherence"], row["delta_vs_source"]
+        assert 0 <= ci["low"] <= ci["estimate"] <= ci["high"] <= 1 and delta["low"] <= delta["estimate"] <= delta["high"]
+        assert 0 <= row["identical"] <= 1
+    assert all(r["macro_f1"]["low"] <= r["macro_f1"]["estimate"] <= r["macro_f1"]["high"] for r in classifier.values())
+    engines = {r["engine"] for r in m["speed"]}
+    assert all(r["tokens_per_s"] > 0 and 0 < r["ttft_s"] < r["seconds"] for r in m["speed"]) and len(engines) >= 4
+    assert _finite(m["fast_vs_fp32_batch1"]["tokens_per_s"]) and m["table"] and m["table_markdown"].startswith("|")
+    serving = m["serving"]  # the served greedy answer and labels equal the in-process ones
+    assert serving["served_equals_in_process"] and serving["streamed_equals_in_process"]
+    assert serving["served_labels_equal_in_process"]
+
+
+def _scale_out(m: dict) -> None:
+    for table in m["recommendations"].values():  # a set-up (or "does not fit") per card and GPU count
+        assert table and all(len(column) == 4 and all(column.values()) for column in table.values())
+    assert len(m["anchors"]) == 3 and all(_finite(a["predicted GPU GiB"]) for a in m["anchors"])
+    assert m["launch_max_loss_difference"] and all(d < 1e-4 for d in m["launch_max_loss_difference"].values())
+    assert all(run["world_size"] == 2 for name, run in m["launches"].items() if name != "one process")
+    shares = [row["share_offloaded"] for row in m["offload"]]  # from all in memory to spilled layers
+    assert shares[0] == 0 and shares[-1] > 0 and all(_finite(r["seconds"]) and r["seconds"] > 0 for r in m["offload"])
+    assert _finite(m["optimizer_ms_per_million"]) and m["optimizer_ms_per_million"] > 0
+
+
 METRIC_CHECKS = {"00_quickstart": _quickstart, "01_ticket_classification": _tickets,
-                 "02_domain_generation": _domains, "03_quantization": _quantization, "04_memory_lab": _memory_lab}
+                 "02_domain_generation": _domains, "03_quantization": _quantization, "04_memory_lab": _memory_lab,
+                 "05_lora_from_scratch": _lora_from_scratch, "07_inference_and_serving": _inference_and_serving,
+                 "09_scale_out": _scale_out}
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)

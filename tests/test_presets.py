@@ -82,6 +82,10 @@ ROW_LIMITS = {
         "eval_rows": (lambda p: len(_rows("domains", "validation")), False),
         "ticket_rows": (lambda p: len(_rows("tickets", "validation")), False),
     },
+    "05_lora_from_scratch": {
+        "train_limit": (lambda p: _tickets(p, "train"), True),
+        "eval_limit": (lambda p: min(_tickets(p, "validation"), _tickets(p, "test")), True),  # both splits
+    },
 }
 
 

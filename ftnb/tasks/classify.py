@@ -297,8 +297,9 @@ def zero_shot_scores(model, tokenizer, texts: list[str], labels: list[str], defi
 
     Usage: zero_shot_scores(lm, tok, ["my card was charged twice"], labels, read_labels("tickets")["category"])
 
-    Cost: the shared prefix runs once; each batch runs its texts once, then all labels at once
-    on a copy of the cache (label tokens only).
+    Cost: the shared prefix runs once and its key/value cache serves every batch; each batch runs
+    its texts once, then one short pass per label on that batch's cache, which is cut back after
+    each label. Memory stays at one batch's cache: no copy per label, no logits for the text tokens.
     """
     model.eval()
     device = model.device
@@ -306,50 +307,49 @@ def zero_shot_scores(model, tokenizer, texts: list[str], labels: list[str], defi
     tok = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     label_tokens = [tok(label) + end for label in labels]
-    prefix_ids = torch.tensor([tok(prefix)], device=device)
-    prefix_cache = model(input_ids=prefix_ids, use_cache=True).past_key_values
-    n_prefix, n_labels = prefix_ids.shape[1], len(labels)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = np.zeros((len(texts), n_labels))
+    prefix_ids = torch.tensor([tok(prefix)], device=device)
+    n_prefix, rows = prefix_ids.shape[1], min(batch_size, len(texts))
+    cache = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1).past_key_values
+    cache.batch_repeat_interleave(rows)
+    out = np.zeros((len(texts), len(labels)))
     for start in range(0, len(texts), batch_size):
         chunk = [tok(t[:4000] + suffix) for t in texts[start:start + batch_size]]
         b, width = len(chunk), max(map(len, chunk))
+        if b < rows:  # the last, shorter batch
+            cache.batch_select_indices(torch.arange(b, device=device))
+            rows = b
         # left-pad the text part: the padding sits between prefix and text, masked out
         ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
-        full_mask = torch.cat([torch.ones(b, n_prefix, dtype=mask.dtype, device=device), mask], 1)
+        seen = torch.cat([torch.ones(b, n_prefix, dtype=mask.dtype, device=device), mask], 1)
         positions = n_prefix + mask.cumsum(1) - 1
-        cache = _copy_cache(prefix_cache, b)
-        first = model(input_ids=ids, attention_mask=full_mask, position_ids=positions.clamp(min=0),
-                      past_key_values=cache, use_cache=True)
-        first_logp = torch.log_softmax(first.logits[:, -1].float(), -1)  # (b, vocab)
-        # every label continuation, for every text: batch b * n_labels on a repeated cache
-        cache = first.past_key_values
-        cache.batch_repeat_interleave(n_labels)
-        t_max = max(map(len, label_tokens))
-        lab = torch.tensor([lt + [pad] * (t_max - len(lt)) for lt in label_tokens], device=device)
-        lab_mask = torch.tensor([[1] * len(lt) + [0] * (t_max - len(lt)) for lt in label_tokens], device=device)
-        lab, lab_mask = lab.repeat(b, 1), lab_mask.repeat(b, 1)
-        seen = full_mask.repeat_interleave(n_labels, 0)
-        last_pos = positions[:, -1:].repeat_interleave(n_labels, 0)
-        rest = model(input_ids=lab, attention_mask=torch.cat([seen, lab_mask], 1),
-                     position_ids=last_pos + torch.arange(1, t_max + 1, device=device),
-                     past_key_values=cache, use_cache=True)
-        rest_logp = torch.log_softmax(rest.logits[:, :-1].float(), -1)  # predicts label token 2..T
-        token_logp = rest_logp.gather(-1, lab[:, 1:, None])[..., 0] * lab_mask[:, 1:]
-        total = token_logp.sum(1).view(b, n_labels)
-        total += first_logp[:, lab[:n_labels, 0]]
+        first = model(input_ids=ids, attention_mask=seen, position_ids=positions.clamp(min=0),
+                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+        first_logp = torch.log_softmax(first.logits[:, -1].float(), -1)  # (b, vocab): predicts token 1
+        total = first_logp[:, [lt[0] for lt in label_tokens]]
+        for j, target in enumerate(label_tokens):
+            total[:, j] += _continuation_logprob(model, cache, target, seen, positions[:, -1:])
+        cache.crop(-width)  # back to the prefix for the next batch
         out[start:start + b] = torch.softmax(total, -1).cpu().numpy()
     return out
 
 
-def _copy_cache(cache, batch: int):
-    """A deep copy of a batch-1 KV cache, repeated to `batch` rows (the original stays reusable)."""
-    import copy
-
-    copied = copy.deepcopy(cache)
-    copied.batch_repeat_interleave(batch)
-    return copied
+def _continuation_logprob(model, cache, target: list[int], seen: torch.Tensor,
+                          last_position: torch.Tensor) -> torch.Tensor:
+    """Sum of log P(target[k] | context, target[:k]) for k >= 1, per row of the cached context
+    (`seen` its attention mask, `last_position` its last position id); the first target token's
+    probability comes from the context pass. The cache is left as it was."""
+    if len(target) < 2:
+        return torch.zeros(seen.shape[0], device=seen.device)
+    b, n, device = seen.shape[0], len(target) - 1, seen.device
+    ids = torch.tensor([target[:-1]], device=device).expand(b, n)  # the last token only gets predicted
+    step = model(input_ids=ids, attention_mask=torch.cat([seen, torch.ones_like(ids)], 1),
+                 position_ids=last_position + torch.arange(1, n + 1, device=device),
+                 past_key_values=cache, use_cache=True)
+    cache.crop(-n)
+    logp = torch.log_softmax(step.logits.float(), -1)
+    return logp.gather(-1, torch.tensor(target[1:], device=device).expand(b, n)[..., None])[..., 0].sum(1)
 
 
 # ---------------------------------------------------------------- the saved classifier

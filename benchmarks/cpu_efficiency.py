@@ -1,0 +1,274 @@
+"""How close CPU training of recipes 01 and 02 runs to the machine's matrix-multiplication limit.
+
+In one process: a few training steps of each recipe at its cpu-preset settings (NF4 SmolLM2 +
+LoRA r=16 on every linear layer, fp32 compute; 01: classification head, 8 tickets x 2 accumulated,
+max_length 128, grouped by length; 02: TRL SFT, packed and padding-free, 2 rows per step,
+max_length 384, loss on the answers), then a plain fp32 matrix multiplication of the model's own
+layer shapes at the same token count. Achieved training FLOP/s, counted from the model's shapes,
+divided by that measured matmul throughput is the share of the machine's matmul speed training gets.
+
+FLOPs of one training step, per token unless said otherwise (frozen weights need no weight gradient):
+  frozen linear W (in x out):   forward 2*in*out, input gradient dX = dY W: 2*in*out
+  LoRA A (in x r), B (r x out): forward, input gradient and weight gradient: 3 * 2*r*(in+out)
+  attention scores and context: per layer and sequence of L tokens, forward 2 * 2*H*dh * L(L+1)/2
+                                (causal), backward twice that (dQ and dK, dP and dV)
+  output head: 01's score (hidden x labels, trained: 3 x 2*in*out), 02's lm_head (hidden x vocab,
+               tied to the frozen embedding: 2 x 2*in*out)
+"real" counts the tokens that carry text (attention causal within each example); "as executed"
+counts what the kernels were given (every padded position; attention over the whole padded row,
+causal). Norms, activations, softmax, the loss and the optimizer are not matmuls and are not
+counted: their time is part of what keeps the share below 1.
+
+Also measured at the same token count: the extra time of the NF4 layers over fp32 matmuls of
+the same shapes (bitsandbytes de-quantizes each weight in the forward pass and again for the
+input gradient), and the cross-entropy over the whole vocabulary (02).
+
+Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py   # ~5 min on 2 cores
+       (prints the breakdown and writes benchmarks/cpu_efficiency.json; --steps N: timed steps per recipe)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ftnb import data, env  # noqa: E402
+from ftnb.models import load_model, load_tokenizer  # noqa: E402
+from ftnb.tasks import classify, sft  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+WARMUP_STEPS = 2  # the first steps pay for allocation and, grouped by length, hold the longest batch
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")  # 01's and 02's settings
+SEED = 0
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+class ShapeRecorder:
+    """Wraps a data collator and keeps each micro-batch's example lengths and padded shape."""
+
+    def __init__(self, collator):
+        self.collator, self.batches = collator, []
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        rows, width = batch["input_ids"].shape
+        if "position_ids" in batch:  # padding-free: one row of examples whose positions restart at 0
+            starts = (batch["position_ids"].flatten() == 0).nonzero().flatten().tolist() + [rows * width]
+            lengths = [b - a for a, b in zip(starts, starts[1:])]
+        else:
+            lengths = batch["attention_mask"].sum(1).tolist()
+        self.batches.append({"rows": rows, "width": width, "lengths": lengths})
+        return batch
+
+
+def layer_shapes(config) -> list[tuple[int, int]]:
+    """(in, out) of the linear layers of one decoder layer: q, k, v, o, gate, up, down."""
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    h, m = config.hidden_size, config.intermediate_size
+    return [(h, q), (h, kv), (h, kv), (q, h), (h, m), (h, m), (m, h)]
+
+
+def training_flops(config, batches: list[dict], head: tuple[int, int], head_trained: bool, real: bool) -> float:
+    """Matmul FLOPs of training on these micro-batches (module docstring), real or as executed."""
+    shapes = layer_shapes(config)
+    per_token = config.num_hidden_layers * (4 * sum(i * o for i, o in shapes)  # frozen: forward + dX
+                                            + 6 * LORA["r"] * sum(i + o for i, o in shapes))  # adapter: + dW
+    per_token += (6 if head_trained else 4) * head[0] * head[1]
+    attention = 3 * 2 * 2 * config.num_attention_heads * config.head_dim * config.num_hidden_layers  # per (query, key)
+    total = 0.0
+    for b in batches:
+        spans = b["lengths"] if real else [b["width"]] * b["rows"]
+        total += per_token * sum(spans) + attention * sum(n * (n + 1) / 2 for n in spans)
+    return total
+
+
+def _median_seconds(fn, repeats: int = 5) -> float:
+    fn()  # warm-up: allocation, kernel selection
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_throughput(config, tokens: int, head: tuple[int, int]) -> float:
+    """FLOP/s of plain fp32 matmuls in the proportions of a training step: every linear layer's
+    forward X W^T and input gradient dY W at `tokens` rows, 30 layers plus the output head."""
+    def layer_pair(i: int, o: int):
+        x, w, dy = torch.randn(tokens, i), torch.randn(o, i), torch.randn(tokens, o)
+        return lambda: (F.linear(x, w), dy @ w)
+
+    layer = [layer_pair(i, o) for i, o in layer_shapes(config)]
+    layer_s = _median_seconds(lambda: [f() for f in layer])
+    head_s = _median_seconds(layer_pair(*head))
+    flops = 4 * tokens * (config.num_hidden_layers * sum(i * o for i, o in layer_shapes(config)) + head[0] * head[1])
+    return flops / (config.num_hidden_layers * layer_s + head_s)
+
+
+def nf4_overhead_seconds(model, tokens: int) -> float:
+    """Per micro-batch of `tokens` rows: the NF4 layers' forward (bitsandbytes' 4-bit matmul) and
+    input-gradient weight (de-quantization) minus fp32 matmuls of the same shapes. Measured on
+    the first decoder layer (every layer has the same shapes), times the number of layers."""
+    first_layer = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)][:len(layer_shapes(model.config))]
+    total = 0.0
+    for module in first_layer:
+        weight, state = module.weight, module.weight.quant_state
+        dense = bnbF.dequantize_4bit(weight.data, state)
+        x = torch.randn(tokens, dense.shape[1], requires_grad=True)
+        nf4 = _median_seconds(lambda: bnb.matmul_4bit(x, weight, quant_state=state), repeats=3)
+        fp32 = _median_seconds(lambda: F.linear(x, dense), repeats=3)
+        total += nf4 - fp32 + _median_seconds(lambda: bnbF.dequantize_4bit(weight.data, state), repeats=3)
+    return total * model.config.num_hidden_layers
+
+
+def vocabulary_loss_seconds(tokens: int, vocab: int) -> float:
+    """Cross-entropy over the whole vocabulary, forward and backward, for `tokens` positions."""
+    logits = torch.randn(tokens, vocab, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+
+    def step():
+        F.cross_entropy(logits, targets).backward()
+        logits.grad = None
+
+    return _median_seconds(step, repeats=3)
+
+
+def classification_trainer(model_name: str, tokenizer, steps: int, folder: str):
+    """Recipe 01 at its cpu preset (notebook 01's training cells), limited to `steps` optimizer steps."""
+    ds = data.load("tickets", schema=data.Schema.of("subject", "body", "category"))
+    labels = classify.labels_for("category", ds["train"], "tickets")
+    id2label, label2id = classify.label_maps(labels)
+    model = load_model(model_name, task="seq-cls", quantization="nf4", double_quant=True, num_labels=len(labels),
+                       id2label=id2label, label2id=label2id, tokenizer=tokenizer)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **LORA))
+    train = classify.tokenize_split(ds["train"], tokenizer, "category", labels, max_length=128)
+    args = TrainingArguments(
+        output_dir=folder, max_steps=steps, learning_rate=1e-3, per_device_train_batch_size=8,
+        gradient_accumulation_steps=2, lr_scheduler_type="cosine", warmup_steps=0.1,
+        gradient_checkpointing=False, train_sampling_strategy="group_by_length", **env.precision_flags(),
+        save_strategy="no", report_to="none", disable_tqdm=True, seed=SEED)
+    recorder = ShapeRecorder(DataCollatorWithPadding(tokenizer))
+    trainer = classify.WeightedTrainer(model=model, args=args, train_dataset=train, data_collator=recorder)
+    return trainer, recorder, (model.config.hidden_size, len(labels)), True
+
+
+def sft_trainer(model_name: str, tokenizer, steps: int, folder: str):
+    """Recipe 02 at its cpu preset (notebook 02's training cells), limited to `steps` optimizer steps."""
+    from trl import SFTConfig, SFTTrainer
+
+    rows = data.subset(data.load("domains", schema=sft.SCHEMA)["train"], 360, SEED, stratify="domain")
+    train, _ = sft.build_sft_dataset(rows, tokenizer, max_length=384)
+    model = load_model(model_name, quantization="nf4", double_quant=True)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    args = SFTConfig(
+        output_dir=folder, max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+        learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, max_length=384, packing=True,
+        completion_only_loss=True, gradient_checkpointing=False, **env.precision_flags(),
+        save_strategy="no", report_to="none", disable_tqdm=True, seed=SEED)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    recorder = ShapeRecorder(trainer.data_collator)
+    trainer.data_collator = recorder
+    return trainer, recorder, (model.config.hidden_size, model.config.vocab_size), False
+
+
+def measure(build, model_name: str, tokenizer, steps: int) -> dict:
+    """Train WARMUP_STEPS + steps optimizer steps; the breakdown of the timed ones."""
+    with tempfile.TemporaryDirectory() as folder:
+        trainer, recorder, head, head_trained = build(model_name, tokenizer, WARMUP_STEPS + steps, folder)
+        timer = StepTimer()
+        trainer.add_callback(timer)
+        trainer.train()
+    model, micro = trainer.model, trainer.args.gradient_accumulation_steps
+    batches = recorder.batches[WARMUP_STEPS * micro:(WARMUP_STEPS + steps) * micro]
+    seconds = sum(timer.seconds[WARMUP_STEPS:])
+    config = model.config
+    real, executed = (training_flops(config, batches, head, head_trained, real=r) for r in (True, False))
+    tokens_real = sum(sum(b["lengths"]) for b in batches)
+    tokens_executed = sum(b["rows"] * b["width"] for b in batches)
+    tokens_per_micro = round(tokens_executed / len(batches))
+    matmul = matmul_throughput(config, tokens_per_micro, head)
+    nf4_s = nf4_overhead_seconds(model, tokens_per_micro) * len(batches) / steps
+    loss_s = vocabulary_loss_seconds(tokens_per_micro, head[1]) * len(batches) / steps if not head_trained else 0.0
+    step_s = seconds / steps
+    out = {
+        "timed_steps": steps, "micro_batches_per_step": micro, "seconds_per_step": step_s,
+        "tokens_per_step_real": tokens_real / steps, "tokens_per_step_executed": tokens_executed / steps,
+        "tokens_per_second_real": tokens_real / seconds,
+        "padding_waste": 1 - tokens_real / tokens_executed,
+        "gflop_per_step_real": real / steps / 1e9, "gflop_per_step_executed": executed / steps / 1e9,
+        "achieved_gflops_real": real / seconds / 1e9, "achieved_gflops_executed": executed / seconds / 1e9,
+        "matmul_fp32_gflops": matmul / 1e9, "matmul_tokens": tokens_per_micro,
+        "fraction_real": real / seconds / matmul, "fraction_executed": executed / seconds / matmul,
+        "nf4_overhead_s_per_step": nf4_s, "nf4_overhead_share": nf4_s / step_s,
+        "vocabulary_loss_s_per_step": loss_s, "vocabulary_loss_share": loss_s / step_s,
+        # what the share of the matmul limit would be with that cost gone (the same real FLOPs)
+        "fraction_real_without_nf4_overhead": real / steps / (step_s - nf4_s) / matmul,
+        "fraction_real_without_padding": real / seconds / matmul * tokens_executed / tokens_real,
+    }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per recipe")
+    parser.add_argument("--model", default=MODEL,
+                        help="registry name, folder or hub id (tiny-llama-test: a quick check of the script)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "cpu_efficiency.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    env.setup(SEED)
+    tokenizer = load_tokenizer(args.model)
+    result = {
+        "command": " ".join(["flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py", *sys.argv[1:]]),
+        "measured": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "bitsandbytes": bnb.__version__},
+        "model": f"{args.model}, NF4 + double quant, LoRA r=16 all-linear, fp32 compute"
+                 + (" (offline: SmolLM2 de-quantized from Q4_1)" if args.model == MODEL else ""),
+        "recipes": {},
+    }
+    for name, build in [("01_ticket_classification", classification_trainer), ("02_domain_generation", sft_trainer)]:
+        result["recipes"][name] = row = measure(build, args.model, tokenizer, args.steps)
+        print(f"{name}: {row['seconds_per_step']:.2f} s/step, {row['tokens_per_second_real']:.0f} real tokens/s, "
+              f"padding {row['padding_waste']:.0%}; {row['achieved_gflops_real']:.1f} GFLOP/s real "
+              f"({row['achieved_gflops_executed']:.1f} as executed) of {row['matmul_fp32_gflops']:.1f} GFLOP/s "
+              f"fp32 matmul = {row['fraction_real']:.2f} ({row['fraction_executed']:.2f}); NF4 overhead "
+              f"{row['nf4_overhead_share']:.0%} of a step, vocabulary loss {row['vocabulary_loss_share']:.0%}")
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print("saved", args.out)
+
+
+if __name__ == "__main__":
+    main()

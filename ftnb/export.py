@@ -1,0 +1,259 @@
+"""Deployment formats of a saved model, and the measurements that say whether each one is still
+the model it came from and how fast it runs.
+
+Usage:
+    import torch
+    from ftnb import export
+    fp32 = export.merged("outputs/02_domain_generation/adapter", "exports/fp32")         # plain transformers
+    bf16 = export.merged("outputs/02_domain_generation/adapter", "exports/bf16", torch.bfloat16)
+    ct2 = export.to_ctranslate2(fp32, "exports/ct2-int8")                                # CTranslate2, int8
+    engine = export.CTranslate2Engine.load(ct2)
+    prompts = export.chat_prompts(engine.tokenizer, rows)                                # token ids
+    export.agreement(export.TransformersEngine.load(fp32).greedy(prompts, 64), engine.greedy(prompts, 64))
+    export.time_generation(engine, prompts, batch_sizes=[1, 8, 32], new_tokens=32)
+
+Every engine answers `greedy(prompts, max_new_tokens)` on the same token ids and returns the new
+token ids, so formats are compared on exactly the same input, without a tokenizer or a template
+in between. A merged folder is an ftnb saved model (`ftnb.saved.load` reads it); a CTranslate2
+folder holds the converted weights, the tokenizer and `ftnb_export.json` (what it was made from,
+the system prompt and decoding settings).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ftnb import saved
+from ftnb.tasks import sft
+
+EXPORT_MANIFEST = "ftnb_export.json"
+
+
+# ---------------------------------------------------------------- exports
+def merged(adapter_folder: str | Path, dest: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """The adapter merged into the de-quantized base and saved in `dtype` (safetensors, loads with
+    from_pretrained alone, or with ftnb.saved.load): a generator through sft.export_merged, a
+    classifier with its trained head. Returns dest.
+
+    Usage: merged("outputs/01_ticket_classification/classifier", "exports/classifier-bf16", torch.bfloat16)
+    """
+    manifest = saved.read_manifest(adapter_folder)
+    if manifest["weights"]["format"] != "adapters":
+        raise ValueError(f"{adapter_folder} holds merged weights already: pass the adapter folder it was "
+                         f"exported from, or load this one with ftnb.saved.load")
+    if manifest["kind"] == "generator":
+        return sft.export_merged(adapter_folder, dest, dtype)
+    return _merged_classifier(Path(adapter_folder), manifest, dest, dtype)
+
+
+def _merged_classifier(folder: Path, manifest: dict, dest: str | Path, dtype: torch.dtype) -> Path:
+    """sft.merge_into_dequantized for a classifier: the base needs its label count to load."""
+    from ftnb.tasks.classify import label_maps
+
+    labels = manifest["task"]["labels"]
+    id2label, label2id = label_maps(labels)
+    tokenizer = saved.load_tokenizer(folder)
+    base = saved.load_base(manifest, dtype=dtype, num_labels=len(labels), id2label=id2label,
+                           label2id=label2id, tokenizer=tokenizer)
+    if manifest["quantization"] is not None:
+        base = base.dequantize(dtype=dtype)
+    model = saved.attach_adapters(base, folder, manifest["weights"]).merge_and_unload()
+    merged_from = {**manifest["weights"], "quantization": manifest["quantization"],
+                   "how": f"adapter and head merged into the de-quantized base, in {saved.dtype_name(dtype)}"}
+    return saved.save(dest, model, tokenizer, "classifier", manifest["base_model"], manifest["task"],
+                      merged_from=merged_from)
+
+
+def to_ctranslate2(merged_folder: str | Path, dest: str | Path, quantization: str = "int8") -> Path:
+    """Convert a merged generator folder (merged()) to CTranslate2 with `quantization` weights
+    ("int8", "int8_float32", "float32", ...), plus its tokenizer and ftnb_export.json. Returns dest.
+
+    Usage: to_ctranslate2("exports/fp32", "exports/ct2-int8")
+    """
+    import ctranslate2
+
+    manifest = _merged_generator(merged_folder, "CTranslate2")
+    dest = Path(dest)
+    ctranslate2.converters.TransformersConverter(str(merged_folder)).convert(str(dest), quantization=quantization,
+                                                                             force=True)
+    saved.load_tokenizer(merged_folder).save_pretrained(dest)
+    record = {"engine": "ctranslate2", "engine_version": ctranslate2.__version__, "quantization": quantization,
+              "exported_from": str(Path(merged_folder).resolve()), "base_model": manifest["base_model"],
+              "merged_from": manifest["weights"]["merged_from"], "task": manifest["task"]}
+    (dest / EXPORT_MANIFEST).write_text(json.dumps(record, indent=2))
+    return dest
+
+
+def _merged_generator(folder: str | Path, engine: str) -> dict:
+    """The manifest of a merged generator folder; anything else is an error that says what to pass."""
+    manifest = saved.read_manifest(folder)
+    if manifest["kind"] != "generator":
+        raise ValueError(f"{folder} holds a {manifest['kind']}: {engine} runs text generation only; "
+                         f"serve a classifier with transformers (ftnb.saved.load)")
+    if manifest["weights"]["format"] != "merged":
+        raise ValueError(f"{folder} holds adapters: merge them first, export.merged({str(folder)!r}, dest), "
+                         f"and convert that folder")
+    return manifest
+
+
+# ---------------------------------------------------------------- engines: greedy ids in, ids out
+def chat_prompts(tokenizer, rows: Sequence[dict], system: str = sft.SYSTEM_PROMPT) -> list[list[int]]:
+    """The token ids of each row's chat prompt (system, instruction and input, assistant header),
+    exactly as the generator and the training template lay them out.
+
+    Usage: prompts = chat_prompts(tok, test_rows[:8])
+    """
+    return [tokenizer.apply_chat_template(sft.prompt_messages(r["instruction"], r["input"], system), tokenize=True,
+                                          add_generation_prompt=True, return_dict=True)["input_ids"] for r in rows]
+
+
+def _until_stop(ids: Sequence[int], stops: set[int]) -> list[int]:
+    """The ids before the first end-of-turn id (an engine pads or stops after it)."""
+    out = []
+    for token in ids:
+        if token in stops:
+            break
+        out.append(int(token))
+    return out
+
+
+class TransformersEngine:
+    """Batched greedy generation with a transformers model in any precision (NF4 + LoRA too).
+
+    Usage: TransformersEngine.load("exports/bf16").greedy(prompts, max_new_tokens=64)
+    """
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.stops = sft.end_of_turn_ids(tokenizer)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TransformersEngine:
+        """An engine for a saved generator folder (adapters or merged), loaded as ftnb.saved.load does."""
+        generator = saved.load(folder)
+        if not isinstance(generator, sft.Generator):
+            raise ValueError(f"{folder} holds a classifier, not a generator")
+        return cls(generator.model, generator.tokenizer)
+
+    @torch.no_grad()
+    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, min_new_tokens: int = 0) -> list[list[int]]:
+        """New token ids for each prompt, end-of-turn excluded; the batch is left-padded, as a
+        decoder continues from the last position. min_new_tokens forces a length (for timing)."""
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, **sft.decoding_kwargs(
+            self.tokenizer, width, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens))
+        return [_until_stop(row, self.stops) for row in out[:, width:].tolist()]
+
+
+class CTranslate2Engine:
+    """Batched greedy generation with a CTranslate2 folder (to_ctranslate2).
+
+    Usage: CTranslate2Engine.load("exports/ct2-int8").greedy(prompts, max_new_tokens=64)
+    """
+
+    def __init__(self, generator, tokenizer):
+        self.generator, self.tokenizer = generator, tokenizer
+        self.stops = sft.end_of_turn_ids(tokenizer)
+        self.stop_tokens = tokenizer.convert_ids_to_tokens(sorted(self.stops))
+
+    @classmethod
+    def load(cls, folder: str | Path, compute_type: str = "int8", device: str = "cpu",
+             threads: int = 0) -> CTranslate2Engine:
+        """`compute_type` "int8" computes with the int8 weights; `threads` 0 uses every core."""
+        import ctranslate2
+
+        folder = Path(folder)
+        if not (folder / EXPORT_MANIFEST).exists():
+            raise FileNotFoundError(f"{folder} holds no {EXPORT_MANIFEST}: pass a folder written by "
+                                    f"ftnb.export.to_ctranslate2")
+        generator = ctranslate2.Generator(str(folder), device=device, compute_type=compute_type,
+                                          intra_threads=threads)
+        return cls(generator, saved.load_tokenizer(folder))
+
+    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, min_new_tokens: int = 0) -> list[list[int]]:
+        """As TransformersEngine.greedy; CTranslate2 batches prompts of different lengths itself."""
+        tokens = [self.tokenizer.convert_ids_to_tokens(list(p)) for p in prompts]
+        results = self.generator.generate_batch(
+            tokens, max_length=max_new_tokens, min_length=min_new_tokens, sampling_topk=1, beam_size=1,
+            end_token=self.stop_tokens, include_prompt_in_result=False)
+        return [_until_stop(r.sequences_ids[0], self.stops) for r in results]
+
+
+# ---------------------------------------------------------------- agreement
+def agreement(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> dict:
+    """How often two engines' greedy outputs for the same prompts are identical, and where they part:
+    `first_difference` per prompt (the index of the first differing new token, None when identical).
+
+    Usage: agreement(fp32_ids, ct2_ids)["identical"]
+    """
+    if len(reference) != len(other):
+        raise ValueError(f"{len(reference)} reference outputs but {len(other)} to compare: pass both for the same prompts")
+    firsts = [_first_difference(a, b) for a, b in zip(reference, other)]
+    parted = [f for f in firsts if f is not None]
+    return {"prompts": len(firsts), "identical": firsts.count(None) / max(len(firsts), 1),
+            "median_first_difference": statistics.median(parted) if parted else None,
+            "first_difference": firsts}
+
+
+def _first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+# ---------------------------------------------------------------- speed
+def _median_seconds(work: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_generation(engine, prompts: Sequence[Sequence[int]], batch_sizes: Sequence[int], new_tokens: int,
+                    repeats: int = 3) -> list[dict]:
+    """Per batch size: time to first token (a 1-token generation: the prompt's forward pass and
+    one step), then the time to generate exactly `new_tokens` per prompt, as tokens/s and
+    requests/s. Each is the median of `repeats` runs after one warm-up run. The batch takes the
+    first `batch` prompts, cycling through them when there are fewer.
+
+    Usage: time_generation(engine, prompts, [1, 8, 32], new_tokens=32)
+    """
+    rows = []
+    for batch_size in batch_sizes:
+        batch = [prompts[i % len(prompts)] for i in range(batch_size)]
+        engine.greedy(batch, new_tokens, new_tokens)  # warm-up: allocations, kernel choice, caches
+        first = _median_seconds(lambda: engine.greedy(batch, 1, 1), repeats)
+        total = _median_seconds(lambda: engine.greedy(batch, new_tokens, new_tokens), repeats)
+        rows.append({"batch": batch_size, "new_tokens": new_tokens, "ttft_s": first, "seconds": total,
+                     "tokens_per_s": batch_size * new_tokens / total, "requests_per_s": batch_size / total})
+    return rows
+
+
+def time_classifier(classifier, records: Sequence, batch_sizes: Sequence[int], repeats: int = 3) -> list[dict]:
+    """Tickets/s of a Classifier on `records` at each prediction batch size (median of `repeats`
+    runs after a warm-up on the first batch).
+
+    Usage: time_classifier(ftnb.saved.load("outputs/01_ticket_classification/classifier"), tickets, [1, 8, 32])
+    """
+    rows, kept = [], classifier.batch_size
+    try:
+        for batch_size in batch_sizes:
+            classifier.batch_size = batch_size
+            classifier.probabilities(records[:batch_size])
+            seconds = _median_seconds(lambda: classifier.probabilities(records), repeats)
+            rows.append({"batch": batch_size, "records": len(records), "seconds": seconds,
+                         "records_per_s": len(records) / seconds})
+    finally:
+        classifier.batch_size = kept
+    return rows
