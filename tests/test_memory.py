@@ -1,5 +1,7 @@
 import json
+import mmap
 import time
+from contextlib import ExitStack, contextmanager
 
 import pytest
 import torch
@@ -10,15 +12,24 @@ from ftnb.models import load_model
 SIZE_MIB = 256
 
 
-def _touch(mib: int) -> torch.Tensor:
-    return torch.ones(mib * MIB // 4, dtype=torch.float32)  # ones() writes every page
+@contextmanager
+def _resident(mib: int):
+    """`mib` MiB made resident in a fresh anonymous mapping, unmapped on exit. Not a tensor: after
+    earlier tests in the same process, malloc may serve a large tensor from freed heap pages that are
+    still resident, and the process's RSS would not move at all."""
+    buffer = mmap.mmap(-1, mib * MIB)
+    torch.frombuffer(buffer, dtype=torch.uint8).fill_(1)  # writes every page; the view dies here
+    try:
+        yield
+    finally:
+        buffer.close()
 
 
 def test_probe_measures_a_known_allocation_within_10_percent():
     table = ProbeTable()
     with probe("alloc", table):
-        x = _touch(SIZE_MIB)
-        del x
+        with _resident(SIZE_MIB):
+            pass
         time.sleep(0.05)  # sleep() waits at least this long: a lower bound the probe's clock must see
     rec = table[0]
     assert rec.rss_peak_delta_mib == pytest.approx(SIZE_MIB, rel=0.10)
@@ -37,11 +48,11 @@ def test_probe_measures_cuda_allocation():
 
 def test_nested_probes_keep_the_outer_peak(tmp_path):
     table = ProbeTable()
-    with probe("outer", table):
-        with probe("inner", table):
-            x = _touch(SIZE_MIB)
-            del x
-        y = _touch(64)
+    with ExitStack() as kept_after_outer:
+        with probe("outer", table):
+            with probe("inner", table), _resident(SIZE_MIB):
+                pass
+            kept_after_outer.enter_context(_resident(64))  # still resident when "outer" ends
     inner, outer = table
     assert (inner.depth, outer.depth) == (1, 0)
     # the inner probe reset the peak, yet the outer one still saw it
@@ -50,7 +61,6 @@ def test_nested_probes_keep_the_outer_peak(tmp_path):
     table.save(tmp_path / "p.json")
     assert [r["label"] for r in json.loads((tmp_path / "p.json").read_text())] == ["inner", "outer"]
     assert "outer" in str(table)
-    del y
 
 
 def test_footprint_of_nf4_model_matches_hand_arithmetic(tiny_model_path):
