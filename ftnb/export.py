@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from ftnb import saved
+from ftnb.inference import left_pad
 from ftnb.tasks import sft
 
 EXPORT_MANIFEST = "ftnb_export.json"
@@ -144,10 +145,8 @@ class TransformersEngine:
     def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, min_new_tokens: int = 0) -> list[list[int]]:
         """New token ids for each prompt, end-of-turn excluded; the batch is left-padded, as a
         decoder continues from the last position. min_new_tokens forces a length (for timing)."""
-        width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=self.model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, self.model.device)
+        width = ids.shape[1]
         out = self.model.generate(input_ids=ids, attention_mask=mask, **sft.decoding_kwargs(
             self.tokenizer, width, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens))
         return [_until_stop(row, self.stops) for row in out[:, width:].tolist()]

@@ -6,7 +6,22 @@ Usage:
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists padded on the left to one width, and their attention mask (0 on padding).
+    Left, because a decoder continues every row from its last position.
+
+    Usage: ids, mask = left_pad([[1, 2, 3], [4]], tokenizer.pad_token_id)  # ids[1] == [pad, pad, 4]
+    """
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
+    return ids, mask
 
 
 def chat_inputs(tokenizer, prompt: str | list[dict], device: torch.device | str = "cpu") -> dict:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ftnb.inference import left_pad
 from ftnb.serve.models import Served, ServedClassifier
 from ftnb.tasks import sft
 
@@ -119,10 +120,8 @@ def _classify(jobs: list[Job]) -> None:
 def _generate(jobs: list[Job]) -> None:
     """One left-padded generate for the whole batch; `_RowProgress` ends each row on its own terms."""
     engine, requests = jobs[0].served.engine, [job.payload for job in jobs]
-    width = max(len(r.prompt_ids) for r in requests)
-    pad = engine.tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests])
-    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests])
+    ids, mask = left_pad([r.prompt_ids for r in requests], engine.tokenizer.pad_token_id)
+    width = ids.shape[1]
     progress = _RowProgress(jobs, engine.tokenizer)
     kwargs = sft.decoding_kwargs(engine.tokenizer, width, **requests[0].decoding,
                                  max_new_tokens=max(r.max_tokens for r in requests))

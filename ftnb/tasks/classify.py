@@ -26,6 +26,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from transformers import Trainer
 
 from ftnb.data import dataset_folder, read_labels
+from ftnb.inference import left_pad
 
 Record = dict | str
 ZERO_SHOT_FILE = "zero_shot_prompt.txt"
@@ -320,8 +321,7 @@ def zero_shot_scores(model, tokenizer, texts: list[str], labels: list[str], defi
             cache.batch_select_indices(torch.arange(b, device=device))
             rows = b
         # left-pad the text part: the padding sits between prefix and text, masked out
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
+        ids, mask = left_pad(chunk, pad, device)
         seen = torch.cat([torch.ones(b, n_prefix, dtype=mask.dtype, device=device), mask], 1)
         positions = n_prefix + mask.cumsum(1) - 1
         first = model(input_ids=ids, attention_mask=seen, position_ids=positions.clamp(min=0),
