@@ -29,6 +29,8 @@ the allocator to a T4's 14.7 GiB. Each notebook runs in its own process. Per pha
       setting of its sweep, in fp16.
   05  two 4-bit classifiers loaded together, one with ftnb.lora's LoRA and one with peft's; each
       trained in turn (batch_size x max_length, grad_accum).
+  06  a QLoRA classifier's training, a QLoRA generator's training, then greedy generation at its largest
+      mixed batch with three adapters on one base (each row its own, peft's adapter_names).
   07  the short QLoRA SFT it runs without a given generator (batch_size x max_length), then greedy
       generation at the largest speed batch with the NF4 + LoRA model and with the merged model in fp16.
   09  offloaded generation (ftnb.offload) at each of its offload_shares: the GPU capped so that
@@ -89,6 +91,9 @@ DRY_RUN = {"00_quickstart": dict(batch_size=2, max_length=32),
            "07_inference_and_serving": dict(batch_size=2, max_length=32, speed_batches=[1, 2], max_new_tokens=4,
                                             speed_tokens=2),
            "09_scale_out": dict(offload_shares=[0.0, 1.0], offload_repeats=1, offload_new_tokens=2)}
+DRY_RUN["08_experiments"] = dict(sweep_parameters=DRY_RUN["01_ticket_classification"])  # its runs are 01's
+DRY_RUN["06_multitask_adapters"] = dict(batch_size=2, max_length=32, grad_accum=1, domain_batch_size=2,
+                                        domain_max_length=48, mixed_batches=[3], max_new_tokens=4)
 # Installed here but not on the GPU machine: a dry run hides them, so it proves the script does
 # without them (the parameters cell is parsed with ast, the data read with json).
 ABSENT_ON_GPU_MACHINE = ("datasets", "pyarrow", "papermill", "nbformat", "trl", "sklearn", "scipy", "pandas",
@@ -114,21 +119,33 @@ def effective_parameters(notebook: str | Path, preset: str, presets_file: Path =
     return {**notebook_defaults(notebook), **(presets[preset] or {})}
 
 
+def sweep_run_parameters(params: dict) -> dict:
+    """08's largest run: recipe 01 with the sweep's preset and fixed values, at the grid's largest rank,
+    batch and length. Usage: sweep_run_parameters(effective_parameters("notebooks/08_experiments.ipynb", "t4"))"""
+    run = {**effective_parameters(NOTEBOOKS_DIR / f"{Path(params['sweep_notebook']).stem}.ipynb",
+                                  params["sweep_preset"]), **params["sweep_parameters"]}
+    run.update({name: max(values) for name, values in params["grid"].items()
+                if name in ("lora_r", "batch_size", "max_length")})
+    return run
+
+
 # ---------------------------------------------------------------- what ftnb.estimate predicts
 def memory_lab_settings(params: dict, half: str) -> list[dict]:
     """04's base setting and every setting of its sweep, as estimate/measure keyword arguments
     (mirrors the notebook's `variations` cell, on a GPU)."""
     base = dict(quantization=params["quantization"], lora_r=params["lora_r"], batch_size=params["batch_size"],
                 seq_len=params["seq_len"], gradient_checkpointing=params["gradient_checkpointing"],
-                compute_dtype=half, optimizer="adamw")
+                compute_dtype=half, optimizer="adamw", grad_accumulation=params["effective_batch"] // params["batch_size"])
     seq, effective = params["seq_len"], params["effective_batch"]
     variations = {
         "gradient checkpointing": [dict(gradient_checkpointing=v) for v in (False, True)],
-        "micro-batch": [dict(batch_size=b) for b in sorted({1, max(effective // 2, 1), effective})],
+        "micro-batch": [dict(batch_size=b, grad_accumulation=effective // b)
+                        for b in sorted({1, max(effective // 2, 1), effective}) if effective % b == 0],
         "sequence length": [dict(seq_len=s) for s in (seq // 2, seq, 2 * seq)],
         "precision": [dict(compute_dtype=d) for d in ("float32", half)],
         "optimizer": [dict(optimizer=o) for o in ("adamw", "paged_adamw_8bit", "sgd")],
         "LoRA rank": [dict(lora_r=r) for r in (4, 16, 64)],
+        "loss in chunks": [dict(loss_chunk_tokens=c) for c in (None, params["loss_chunk_tokens"])],
     }
     settings = [base] + [{**base, **change} for knob in params["sweep"] for change in variations[knob]]
     unique = {json.dumps(s, sort_keys=True): s for s in settings}
@@ -142,6 +159,8 @@ def notebook_estimates(notebook: str, params: dict, model: str, half: str = "flo
     each format's evaluation for 03; with `lengths` (token_lengths()) also the zero-shot scoring
     of 01 and the generation of 02.
     Usage: notebook_estimates("00_quickstart", effective_parameters(nb, "t4"), "smollm2-135m-instruct")"""
+    if notebook == "08_experiments":
+        return notebook_estimates("01_ticket_classification", sweep_run_parameters(params), model, half, lengths)
     p, out = params, {}
     cuda = dict(device="cuda", compute_dtype=half)
     n_labels = len(ticket_labels(p["label_field"], p["data_dir"])) if "label_field" in p else 2
@@ -160,10 +179,21 @@ def notebook_estimates(notebook: str, params: dict, model: str, half: str = "flo
         out["generation"] = estimate_inference_memory(
             model, p["quantization"], p["double_quant"], p["gen_batch_size"],
             lengths["domain_prompt"] + p["max_new_tokens"], **cuda)
+    if notebook == "06_multitask_adapters":  # its two trainings, then its largest mixed batch on one base
+        for phase, task, batch, length in (("classifier training", "seq-cls", p["batch_size"], p["max_length"]),
+                                           ("generator training", "causal-lm", p["domain_batch_size"], p["domain_max_length"])):
+            out[phase] = estimate_training_memory(
+                model, p["quantization"], True, p["lora_r"], "all-linear", batch, length, False, "adamw", task=task,
+                lora_dropout=p["lora_dropout"], num_labels=len(ticket_labels("category")),
+                grad_accumulation=p["grad_accum"] if task == "seq-cls" else 1, **cuda)
+        if lengths:
+            out["mixed generation"] = estimate_inference_memory(
+                model, p["quantization"], True, max(p["mixed_batches"]), lengths["domain_prompt"] + p["max_new_tokens"], **cuda)
     if notebook == "07_inference_and_serving":
-        for task, length in (("seq-cls", SHORT_TRAINING["classifier_length"]), ("causal-lm", p["max_length"])):
+        for task, batch, length in (("seq-cls", p["classifier_batch"], SHORT_TRAINING["classifier_length"]),
+                                    ("causal-lm", p["batch_size"], p["max_length"])):
             out[f"{task} training"] = estimate_training_memory(
-                model, p["quantization"], True, SHORT_TRAINING["lora_r"], "all-linear", p["batch_size"], length, False,
+                model, p["quantization"], True, SHORT_TRAINING["lora_r"], "all-linear", batch, length, False,
                 "adamw", task=task, lora_dropout=SHORT_TRAINING["lora_dropout"],
                 num_labels=len(ticket_labels("category")), **cuda)
         if lengths:
@@ -558,10 +588,50 @@ def scale_out(model_dir: str, p: dict, check: Check) -> dict:
                         for r in rows]}
 
 
+def experiments(model_dir: str, p: dict, check: Check) -> dict:
+    """08's runs are recipe 01's: the largest of them."""
+    return ticket_classification(model_dir, sweep_run_parameters(p), check)
+
+
+def multitask_adapters(model_dir: str, p: dict, check: Check) -> dict:
+    """06: a QLoRA classifier's and a QLoRA generator's training in turn, then greedy generation at its
+    largest mixed batch with three adapters on one base, each row its own (peft's adapter_names)."""
+    import torch
+
+    from ftnb.models import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    n_labels = len(ticket_labels("category"))
+    p = {**p, "double_quant": True, "gradient_checkpointing": False}  # the notebook's load_model and Trainer settings
+    net = _add_lora(_load(model_dir, p, task="seq-cls", num_labels=n_labels, tokenizer=tok), p, task="seq-cls")
+    rows = _labelled_rows(p, n_labels, net.config.vocab_size, check)
+    step = check.run("QLoRA classifier training", lambda: _train(net, p, rows, check), estimate="classifier training")
+    del net
+    p = {**p, "batch_size": p["domain_batch_size"], "max_length": p["domain_max_length"], "grad_accum": 1}
+    net = _add_lora(_load(model_dir, p), p)
+    rows = _lm_rows(p["batch_size"] * check.sizes["train_steps"], p["max_length"], net.config.vocab_size)
+    check.run("QLoRA SFT", lambda: _train(net, p, rows, check), estimate="generator training")
+    net.eval()
+    for name in ("second", "third"):
+        net.add_adapter(name, net.peft_config["default"])
+    batch = max(p["mixed_batches"])
+    adapters = [("default", "second", "third")[i % 3] for i in range(batch)]
+
+    def mixed_generation():
+        ids = _ids(batch, check.lengths["domain_prompt"], net.config.vocab_size, net.device)
+        with torch.no_grad():
+            net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=adapters, do_sample=False,
+                         max_new_tokens=p["max_new_tokens"], min_new_tokens=p["max_new_tokens"], pad_token_id=tok.pad_token_id)
+
+    check.run("mixed-adapter generation", mixed_generation, estimate="mixed generation")
+    return {"seconds_per_step": step}
+
+
 WORKLOADS = {"00_quickstart": quickstart, "01_ticket_classification": ticket_classification,
              "02_domain_generation": domain_generation, "03_quantization": quantization_formats,
              "04_memory_lab": memory_lab, "05_lora_from_scratch": lora_from_scratch,
-             "07_inference_and_serving": inference_and_serving, "09_scale_out": scale_out}
+             "07_inference_and_serving": inference_and_serving, "09_scale_out": scale_out,
+             "08_experiments": experiments, "06_multitask_adapters": multitask_adapters}
 
 
 def check_notebook(notebook: str, model_dir: str, lengths: dict, dry_run: bool = False) -> dict:

@@ -1,11 +1,13 @@
-"""Command line: python -m ftnb {run,list,check,env,serve} ...
+"""Command line: python -m ftnb {run,sweep,list,check,env,serve} ...
 
 Usage:
     python -m ftnb run 00_quickstart --preset smoke -p max_steps 20 -p learning_rate 1e-3
+    python -m ftnb run 01 --resume runs/01_ticket_classification/20261202-070000-cpu   # after a disconnect
     python -m ftnb list                 # notebooks, their presets and parameters
     python -m ftnb check notebooks/*.ipynb
     python -m ftnb env
     python -m ftnb serve runs/x/adapter legal=runs/y/adapter --port 8000   # OpenAI-compatible HTTP server
+    python -m ftnb sweep 01 --preset sweep --grid learning_rate=1e-4,1e-3 --grid lora_r=4,16 --seeds 3
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def _run(args) -> int:
     overrides = dict(args.param)
     try:
         result = run_notebook(args.notebook, args.preset, overrides, args.output_dir,
-                              cell_timeout=args.cell_timeout, force=args.force)
+                              cell_timeout=args.cell_timeout, force=args.force, resume=args.resume)
     except (UsageError, NotebookFailed, RunInterrupted) as e:  # a line to act on, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -29,6 +31,21 @@ def _run(args) -> int:
     print(f"metrics:           {result.run_dir / 'metrics.json'}")
     print(f"run record:        {result.run_dir / 'run.json'}")
     return 0
+
+
+def _sweep(args) -> int:
+    from ftnb.runner import UsageError
+    from ftnb.sweep import parse_grid_option, read_grid_file, run_sweep
+
+    try:
+        grid = read_grid_file(args.grid_file) if args.grid_file else {}
+        grid.update(parse_grid_option(option) for option in args.grid)
+        table = run_sweep(args.notebook, args.preset, grid, args.seeds, dict(args.param), args.sweep_dir,
+                          args.jobs, args.cell_timeout)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0 if (table["status"] == "ok").all() else 1
 
 
 def _list(args) -> int:
@@ -92,7 +109,28 @@ def main(argv: list[str] | None = None) -> int:
                      help="reuse a non-empty --output-dir: its earlier metrics.json, run.json, progress.json "
                           "and executed notebook are deleted first; other files stay and may be overwritten")
     run.add_argument("--cell-timeout", type=int, help="seconds per cell")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue a run that stopped: run the notebook again in RUN_DIR with the parameters its "
+                          "run.json recorded and resume=True (the notebook continues from its last checkpoint); "
+                          "the earlier executed notebook is kept")
     run.set_defaults(func=_run)
+    sweep = sub.add_parser(
+        "sweep", help="run a notebook once per combination of a parameter grid (see ftnb.sweep)",
+        epilog="re-running the same command runs only the combinations without a successful run; "
+               "exit code 0 when every run succeeded, 1 when one failed, 2 for bad input")
+    sweep.add_argument("notebook", help="a path, or a notebook's name in notebooks/")
+    sweep.add_argument("--preset", help="the preset every run starts from")
+    sweep.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
+                       help="a parameter and its values (repeat for more parameters): every combination runs")
+    sweep.add_argument("--grid-file", type=Path, help="a YAML file {parameter: [values]}; --grid adds to it")
+    sweep.add_argument("--seeds", type=int, default=0, help="run each combination with seed 0..N-1")
+    sweep.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                       help="a value every run gets on top of the preset")
+    sweep.add_argument("--sweep-dir", type=Path,
+                       help="the sweep folder (default: runs/sweeps/<notebook>-<preset>); results.csv is written there")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs at a time, each on its share of the cores")
+    sweep.add_argument("--cell-timeout", type=int, help="seconds per cell")
+    sweep.set_defaults(func=_sweep)
     sub.add_parser("list", help="notebooks, presets and parameters").set_defaults(func=_list)
     check = sub.add_parser("check", help="check notebook conventions")
     check.add_argument("notebooks", nargs="+", type=Path)

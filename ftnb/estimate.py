@@ -54,6 +54,8 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
 # Bytes of optimizer state per trainable parameter (paged 8-bit AdamW: in CUDA unified memory, outside the allocator)
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 0, "sgd": 0}
 QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
+# the chunk the calculator suggests for the loss: its logits cost 256 x vocabulary x 12 bytes
+LOSS_CHUNK_TOKENS = 256
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
 
@@ -420,6 +422,9 @@ class MemoryEstimate:
             moves.append(("turn on gradient checkpointing", {"gradient_checkpointing": True}))
         if s["batch_size"] > 1:
             moves.append(self._micro_batch_move(available))
+        if s["task"] == "causal-lm" and s["batch_size"] * s["seq_len"] > LOSS_CHUNK_TOKENS > (s["loss_chunk_tokens"] or 0):
+            moves.append((f"compute the loss in chunks of {LOSS_CHUNK_TOKENS} tokens (ftnb.memory.chunked_causal_lm_loss)",
+                          {"loss_chunk_tokens": LOSS_CHUNK_TOKENS}))
         eight_bit = "paged_adamw_8bit" if s["device"] == "cuda" else "adamw_8bit"
         if s["optimizer"] == "adamw":
             moves.append((f"use an 8-bit optimizer ({eight_bit})", {"optimizer": eight_bit}))
@@ -529,7 +534,8 @@ def estimate_training_memory(
     gradient_checkpointing: bool = True, optimizer: str = "adamw", compute_dtype: Any = None,
     attn_implementation: str = "sdpa", task: str = "causal-lm", *, lora_dropout: float = 0.05,
     num_labels: int = 2, padded: bool = True, kbit_prepare: bool | None = None,
-    grad_accumulation: int = 1, device: str | None = None, process_baseline_bytes: int | None = None,
+    grad_accumulation: int = 1, loss_chunk_tokens: int | None = None, device: str | None = None,
+    process_baseline_bytes: int | None = None,
 ) -> MemoryEstimate:
     """Predicted peak memory of one LoRA/QLoRA training step, with its breakdown. On CUDA the
     step is assumed to run under autocast in `compute_dtype`, as the Trainer does with bf16/fp16.
@@ -539,6 +545,7 @@ def estimate_training_memory(
     `padded`: batches carry an attention mask (SDPA then expands grouped k/v heads).
     `kbit_prepare`: peft's prepare_model_for_kbit_training was called (default: when quantized).
     `grad_accumulation` > 1 keeps the LoRA gradients alive through the next forward pass.
+    `loss_chunk_tokens`: the loss runs that many tokens at a time (`ftnb.memory.chunked_causal_lm_loss`).
     `device`: "cpu" or "cuda" (default: this machine); decides the fixed overheads.
     """
     arguments = dict(locals())  # the call as given, before anything below resolves a default
@@ -560,7 +567,8 @@ def estimate_training_memory(
                     gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
                     compute_dtype=str(compute_dtype).replace("torch.", ""), attn_implementation=attn_implementation,
                     task=task, lora_dropout=lora_dropout, num_labels=num_labels, padded=padded,
-                    kbit_prepare=kbit_prepare, grad_accumulation=grad_accumulation, device=device,
+                    kbit_prepare=kbit_prepare, grad_accumulation=grad_accumulation,
+                    loss_chunk_tokens=loss_chunk_tokens, device=device,
                     process_baseline_bytes=process_baseline_bytes)
 
     rows = _fixed_rows(device, process_baseline_bytes)
@@ -596,8 +604,10 @@ def estimate_training_memory(
     buffer_width = CALIBRATION.backward_hidden_buffers * shape.hidden_size + shape.intermediate_size
     rows.append(_row("activations", "backward gradient buffers", tokens * buffer_width * 4))
     if task == "causal-lm":
-        rows.append(_row("loss", f"logits + log-softmax + grads ({tokens:,} tokens x {shape.vocab_size:,} vocab)",
-                         logits_bytes(batch_size, seq_len, shape.vocab_size)))
+        loss_tokens = min(loss_chunk_tokens or tokens, tokens)
+        chunked = f", in chunks of {loss_tokens:,}" if loss_tokens < tokens else ""
+        rows.append(_row("loss", f"logits + log-softmax + grads ({loss_tokens:,} tokens x {shape.vocab_size:,} vocab"
+                         f"{chunked})", logits_bytes(1, loss_tokens, shape.vocab_size)))
     if task == "causal-lm" and float_bytes == 4 and cd < 4:
         # autocast casts the fp32 output head to half precision for its matmul, and autograd keeps
         # that copy for the backward pass (the head is frozen, but its input needs a gradient)
@@ -654,22 +664,30 @@ def measure_training_peak(model: str = "smollm2-135m-instruct", *, quantization:
                           double_quant: bool = True, lora_r: int = 8, batch_size: int = 4, seq_len: int = 128,
                           gradient_checkpointing: bool = True, optimizer: str = "adamw",
                           compute_dtype: str | None = None, lora_dropout: float = 0.05, steps: int = 2,
-                          task: str = "causal-lm", num_labels: int = 2, fresh_process: bool = True) -> dict:
+                          task: str = "causal-lm", num_labels: int = 2, grad_accumulation: int = 1,
+                          loss_chunk_tokens: int | None = None, fresh_process: bool = True) -> dict:
     """Run `steps` real LoRA/QLoRA training steps and return measured peak memory and step time
     next to `estimate_training_memory`'s prediction for the same settings.
 
     Usage: measure_training_peak(quantization="nf4", batch_size=2, seq_len=64)
     `task="seq-cls"` trains a classifier (random labels among `num_labels`) instead of a causal LM.
+    Each of the `steps` optimizer steps runs `grad_accumulation` forward/backward passes (really run,
+    gradients accumulated), and `step_seconds` times whole optimizer steps. `loss_chunk_tokens`
+    computes the causal-LM loss with `ftnb.memory.chunked_causal_lm_loss` in chunks of that many tokens.
     With `fresh_process` (default) the steps run in a new Python process: on CPU the resident-set
     high-water mark cannot be lowered below what glibc kept from earlier work, so measuring a
     second configuration in the same process would report the larger of the two. Measured: on
     CPU the process's peak RSS (compared with the estimate's total), on CUDA the allocator's peak
     (compared with the estimate's allocated bytes; the CUDA context is not in it).
     """
+    if loss_chunk_tokens and task != "causal-lm":
+        raise ValueError("loss_chunk_tokens applies to the causal-LM loss; a classifier (task='seq-cls') has no "
+                         "vocabulary-sized logits to chunk: leave it None")
     settings = dict(model=model, quantization=quantization, double_quant=double_quant, lora_r=lora_r,
                     batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
                     optimizer=optimizer, compute_dtype=compute_dtype, lora_dropout=lora_dropout, steps=steps,
-                    task=task, num_labels=num_labels)
+                    task=task, num_labels=num_labels, grad_accumulation=grad_accumulation,
+                    loss_chunk_tokens=loss_chunk_tokens)
     if fresh_process:
         import json
         import os
@@ -687,7 +705,8 @@ def measure_training_peak(model: str = "smollm2-135m-instruct", *, quantization:
     est = estimate_training_memory(
         model, quantization, double_quant, lora_r, "all-linear", batch_size, seq_len, gradient_checkpointing,
         optimizer, measured["compute_dtype"], "sdpa", task, lora_dropout=lora_dropout, num_labels=num_labels,
-        padded=False, device=measured["device"])
+        padded=False, grad_accumulation=grad_accumulation, loss_chunk_tokens=loss_chunk_tokens,
+        device=measured["device"])
     predicted = est.total_bytes if measured["device"] == "cpu" else est.allocated_bytes
     return {**settings, **measured, "predicted_peak_mib": predicted / MIB,
             "predicted_by_group_mib": {k: round(v / MIB, 1) for k, v in est.bytes_by_group().items()},
@@ -696,16 +715,18 @@ def measure_training_peak(model: str = "smollm2-135m-instruct", *, quantization:
 
 def _measure_here(model: str, quantization: str, double_quant: bool, lora_r: int, batch_size: int, seq_len: int,
                   gradient_checkpointing: bool, optimizer: str, compute_dtype: str | None, lora_dropout: float,
-                  steps: int, task: str = "causal-lm", num_labels: int = 2) -> dict:
-    """The measurement itself, in this process: load, prepare, LoRA, `steps` steps on random tokens
-    (no padding) inside a probe. The first step is included: it creates the optimizer state."""
+                  steps: int, task: str = "causal-lm", num_labels: int = 2, grad_accumulation: int = 1,
+                  loss_chunk_tokens: int | None = None) -> dict:
+    """The measurement itself, in this process: load, prepare, LoRA, `steps` optimizer steps of
+    `grad_accumulation` passes each on random tokens (no padding) inside a probe. The first step is
+    included: it creates the optimizer state."""
     import time
 
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from ftnb.env import pick_dtype, use_all_cores
-    from ftnb.memory import probe
+    from ftnb.memory import chunked_causal_lm_loss, probe
     from ftnb.models import load_model
 
     use_all_cores()
@@ -740,9 +761,13 @@ def _measure_here(model: str, quantization: str, double_quant: bool, lora_r: int
     with probe("training steps") as rec:
         for _ in range(steps):
             start = time.perf_counter()
-            with torch.autocast(device, dtype=dtype, enabled=device == "cuda" and dtype != torch.float32):
-                loss = net(input_ids=batch, labels=labels).loss  # logits dropped at once, as in the Trainer
-            loss.backward()
+            for _ in range(grad_accumulation):  # the gradients add up in .grad until the optimizer step
+                with torch.autocast(device, dtype=dtype, enabled=device == "cuda" and dtype != torch.float32):
+                    if loss_chunk_tokens:
+                        loss = chunked_causal_lm_loss(net, batch, labels, chunk_tokens=loss_chunk_tokens)
+                    else:
+                        loss = net(input_ids=batch, labels=labels).loss  # logits dropped at once, as in the Trainer
+                (loss / grad_accumulation).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             del loss

@@ -7,6 +7,7 @@ Usage:
     fp32 = export.merged("outputs/02_domain_generation/adapter", "exports/fp32")         # plain transformers
     bf16 = export.merged("outputs/02_domain_generation/adapter", "exports/bf16", torch.bfloat16)
     ct2 = export.to_ctranslate2(fp32, "exports/ct2-int8")                                # CTranslate2, int8
+    gguf = export.to_gguf(fp32, "exports/generator-q8_0.gguf")                          # llama.cpp / Ollama
     engine = export.CTranslate2Engine.load(ct2)
     prompts = export.chat_prompts(engine.tokenizer, rows)                                # token ids
     export.agreement(export.TransformersEngine.load(fp32).greedy(prompts, 64), engine.greedy(prompts, 64))
@@ -14,14 +15,20 @@ Usage:
 
 Every engine answers `greedy(prompts, max_new_tokens)` on the same token ids and returns the new
 token ids, so formats are compared on exactly the same input, without a tokenizer or a template
-in between. A merged folder is an ftnb saved model (`ftnb.saved.load` reads it); a CTranslate2
+in between; `score(prompts, targets)` gives the log-likelihood of given answers (reference_nll), a
+quality measure that needs no trained output format. A merged folder is an ftnb saved model (`ftnb.saved.load` reads it); a CTranslate2
 folder holds the converted weights, the tokenizer and `ftnb_export.json` (what it was made from,
 the system prompt and decoding settings).
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,6 +40,9 @@ from ftnb.inference import left_pad
 from ftnb.tasks import sft
 
 EXPORT_MANIFEST = "ftnb_export.json"
+# llama.cpp's GGUF converter is pure Python but no wheel installs it: it ships in the source package of
+# llama-cpp-python, with the gguf-py library it imports (in 0.3.36 that is gguf 0.19.0, the version pinned here).
+LLAMA_CPP_PYTHON = "0.3.36"
 
 
 # ---------------------------------------------------------------- exports
@@ -90,6 +100,58 @@ def to_ctranslate2(merged_folder: str | Path, dest: str | Path, quantization: st
     return dest
 
 
+def to_gguf(merged_folder: str | Path, dest: str | Path, outtype: str = "q8_0") -> Path:
+    """Convert a merged generator folder (merged()) to one GGUF file for llama.cpp and Ollama with
+    llama.cpp's own converter (gguf_converter()), weights in `outtype` ("f32", "f16", "bf16", "q8_0").
+    Returns dest. Running the file needs llama.cpp; transformers reads it back (TransformersEngine.load_gguf).
+
+    Usage: to_gguf("exports/fp32", "exports/generator-q8_0.gguf")
+    """
+    _merged_generator(merged_folder, "GGUF")
+    script, dest = gguf_converter(), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # the converter's own copy of gguf-py first: converter and library come from one llama.cpp commit
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parent / "gguf-py"),
+                                                                       os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script), str(merged_folder), "--outfile", str(dest), "--outtype", outtype],
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed on {merged_folder} (exit {done.returncode}); "
+                           f"the end of its output:\n{done.stderr[-2000:]}")
+    return dest
+
+
+def gguf_converter(cache: Path | None = None) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py: downloaded once from PyPI inside the llama-cpp-python source
+    package (about 75 MB; only the converter's Python files are kept, in ftnb's cache, nothing is compiled).
+
+    Usage: subprocess.run([sys.executable, gguf_converter(), "exports/fp32", "--outtype", "q8_0"])
+    """
+    from ftnb.models import cache_dir
+
+    cache = cache or cache_dir()
+    root = cache / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+    script = root / "convert_hf_to_gguf.py"
+    if script.exists():
+        return script
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as work:
+        download = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                                   f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", work], capture_output=True, text=True)
+        if download.returncode != 0:
+            raise RuntimeError(f"could not download llama-cpp-python=={LLAMA_CPP_PYTHON}'s source package from PyPI, "
+                               f"which holds llama.cpp's GGUF converter (offline?):\n{download.stderr[-1000:]}")
+        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+        with tarfile.open(next(Path(work).glob("llama_cpp_python-*.tar.gz"))) as sdist:
+            members = [m for m in sdist.getmembers() if m.name.startswith(prefix) and m.isfile()
+                       and m.name[len(prefix):].startswith(("convert_hf_to_gguf.py", "conversion/", "gguf-py/"))]
+            for member in members:
+                member.name = member.name[len(prefix):]
+            sdist.extractall(Path(work) / "converter", members=members, filter="data")
+        os.replace(Path(work) / "converter", root)  # whole or not at all: a killed download leaves no half copy
+    return script
+
+
 def _merged_generator(folder: str | Path, engine: str) -> dict:
     """The manifest of a merged generator folder; anything else is an error that says what to pass."""
     manifest = saved.read_manifest(folder)
@@ -141,6 +203,16 @@ class TransformersEngine:
             raise ValueError(f"{folder} holds a classifier, not a generator")
         return cls(generator.model, generator.tokenizer)
 
+    @classmethod
+    def load_gguf(cls, path: str | Path, tokenizer, dtype: torch.dtype = torch.float32) -> TransformersEngine:
+        """An engine for a GGUF file (to_gguf), its weights de-quantized to `dtype` by transformers' GGUF
+        reader: the file's numbers, checked without llama.cpp (not llama.cpp's speed or arithmetic).
+        `tokenizer` is the merged folder's (engines compare token ids; it gives padding and stops)."""
+        from transformers import AutoModelForCausalLM
+
+        path = Path(path)
+        return cls(AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype), tokenizer)
+
     @torch.no_grad()
     def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, min_new_tokens: int = 0) -> list[list[int]]:
         """New token ids for each prompt, end-of-turn excluded; the batch is left-padded, as a
@@ -150,6 +222,16 @@ class TransformersEngine:
         out = self.model.generate(input_ids=ids, attention_mask=mask, **sft.decoding_kwargs(
             self.tokenizer, width, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens))
         return [_until_stop(row, self.stops) for row in out[:, width:].tolist()]
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[float]:
+        """Summed log-probability of each target's ids following its prompt (teacher forcing)."""
+        ids, mask = left_pad([[*p, *t] for p, t in zip(prompts, targets, strict=True)], self.tokenizer.pad_token_id,
+                             self.model.device)
+        logprobs = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        token_logprobs = logprobs.gather(-1, ids[:, 1:, None])[..., 0]
+        # left padding: every target ends at the last position, so its log-probabilities are the row's last ones
+        return [float(row[len(row) - len(t):].sum()) for row, t in zip(token_logprobs, targets)]
 
 
 class CTranslate2Engine:
@@ -184,6 +266,26 @@ class CTranslate2Engine:
             tokens, max_length=max_new_tokens, min_length=min_new_tokens, sampling_topk=1, beam_size=1,
             end_token=self.stop_tokens, include_prompt_in_result=False)
         return [_until_stop(r.sequences_ids[0], self.stops) for r in results]
+
+    def score(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[float]:
+        """As TransformersEngine.score; CTranslate2's log_probs[i] is that of token i + 1."""
+        tokens = [self.tokenizer.convert_ids_to_tokens([*p, *t]) for p, t in zip(prompts, targets, strict=True)]
+        results = self.generator.score_batch(tokens, max_input_length=0)
+        return [float(sum(r.log_probs[len(r.log_probs) - len(t):])) for r, t in zip(results, targets)]
+
+
+def reference_nll(engine, tokenizer, rows: Sequence[dict], system: str = sft.SYSTEM_PROMPT,
+                  batch_size: int = 8) -> list[dict]:
+    """Per row: the negative log-likelihood an engine gives the reference answer (its `output`, end
+    of turn included) after the chat prompt, and the answer's token count. Two formats of one model
+    should agree here whether or not the model has learned the answers' format.
+
+    Usage: nll = reference_nll(engine, tok, validation_rows[:24]); sum(r["nll"] for r in nll)
+    """
+    prompts, targets = zip(*(sft.prompt_and_response_ids(tokenizer, r, system) for r in rows))
+    scores = [s for start in range(0, len(rows), batch_size)
+              for s in engine.score(prompts[start:start + batch_size], targets[start:start + batch_size])]
+    return [{"nll": -s, "tokens": len(t)} for s, t in zip(scores, targets)]
 
 
 # ---------------------------------------------------------------- agreement

@@ -1,7 +1,8 @@
-"""Measure memory instead of guessing it: probes, model footprints and a Trainer callback.
+"""Measure memory instead of guessing it: probes, model footprints and a Trainer callback; and a
+causal-LM loss computed in chunks, which never holds the full-vocabulary logits.
 
 Usage:
-    from ftnb.memory import probe, PROBES, footprint, MemoryCallback
+    from ftnb.memory import probe, PROBES, footprint, MemoryCallback, chunked_causal_lm_loss
     with probe("load nf4"):
         model = load_model("smollm2-135m-instruct", quantization="nf4")
     print(footprint(model))
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback
 
 from ftnb.env import device_type as _device
@@ -318,6 +320,37 @@ def footprint(model: torch.nn.Module) -> Footprint:
     rows = [{"role": role, "dtype": dtype, "params": n, "bytes": nbytes}
             for (role, dtype), (n, nbytes) in acc.items() if nbytes]
     return Footprint(rows, trainable, total)
+
+
+# ---------------------------------------------------------------- a loss without the full logits
+def _summed_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, ignore_index=-100, reduction="sum")
+
+
+def chunked_causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
+                           attention_mask: torch.Tensor | None = None, chunk_tokens: int = 256) -> torch.Tensor:
+    """The causal-LM loss (mean next-token cross-entropy, labels -100 ignored, as `model(labels=...)`
+    computes it) without ever holding batch x sequence x vocabulary logits: the output head and the
+    cross-entropy run on `chunk_tokens` positions at a time, and each chunk is recomputed in
+    backward (activation checkpointing) instead of being kept. The loss term then costs
+    chunk_tokens x vocabulary x 12 bytes instead of every token's. For Llama-style heads (no
+    final logit soft-capping); a peft model works as is.
+
+    Usage: loss = chunked_causal_lm_loss(peft_model, ids, labels, chunk_tokens=128); loss.backward()
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # position t predicts token t + 1
+    targets = labels[:, 1:].reshape(-1).to(hidden.device)
+    head = causal_lm.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk_tokens):
+        end = start + chunk_tokens
+        total = total + checkpoint(_summed_cross_entropy, head, hidden[start:end], targets[start:end],
+                                   use_reentrant=False)
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------- trainer callback

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from ftnb.memory import PROBES, ProbeTable
 
+TENSORBOARD_DIR = "tensorboard"  # inside a run folder: one subfolder of event files per training
+
 
 def _jsonable(value):
     """numpy scalars, tensors and NaN become plain JSON values."""
@@ -39,3 +41,36 @@ def save_metrics(output_dir: str | Path, metrics: dict, probes: ProbeTable | Non
 
 def load_metrics(output_dir: str | Path) -> dict:
     return json.loads((Path(output_dir) / "metrics.json").read_text())
+
+
+def tensorboard_callback(output_dir: str | Path, name: str):
+    """transformers' TensorBoard logger writing to <output_dir>/tensorboard/<name>: one folder per
+    training of a run, so the curves of two trainings never mix; `read_scalars` reads them back.
+
+    Usage: Trainer(..., callbacks=[tensorboard_callback(output_dir, "qlora")])
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(SummaryWriter(str(Path(output_dir) / TENSORBOARD_DIR / name)))
+
+
+def read_scalars(folder: str | Path):
+    """Every scalar logged to TensorBoard under `folder` (a run folder, its tensorboard/ folder or a
+    whole sweep), as a DataFrame with columns run (the event folder, relative to `folder`), tag, step,
+    value. Reads the event files with TensorBoard's own reader; needs no TensorBoard server.
+
+    Usage: curves = read_scalars(run_dir); curves[curves.tag == "train/loss"]
+    """
+    import pandas as pd
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    folder = Path(folder)
+    rows = []
+    for events_dir in sorted({f.parent for f in folder.rglob("events.out.tfevents.*")}):
+        events = EventAccumulator(str(events_dir), size_guidance={SCALARS: 0})  # 0: keep every point
+        events.Reload()
+        run = events_dir.relative_to(folder).as_posix()
+        rows += [{"run": run, "tag": tag, "step": e.step, "value": e.value}
+                 for tag in events.Tags()[SCALARS] for e in events.Scalars(tag)]
+    return pd.DataFrame(rows, columns=["run", "tag", "step", "value"])

@@ -3,6 +3,7 @@
 Usage:
     python -m ftnb run 00_quickstart --preset smoke -p learning_rate 1e-3
     python -m ftnb run notebooks/01_ticket_classification.ipynb --preset cpu -p label_field priority
+    python -m ftnb run 01_ticket_classification --resume runs/01_ticket_classification/20261202-070000-cpu
     from ftnb.runner import run_notebook; result = run_notebook("00_quickstart", "smoke")
 
 Presets live in notebooks/presets.yaml: `<notebook stem>: {<preset>: {param: value}}`.
@@ -11,6 +12,11 @@ notebook, the notebook's own metrics.json, progress.json while training runs, an
 record (status, exit code, times, git commit, preset, every effective parameter, versions). run.json
 is written when the run starts and rewritten when it ends, however it ends; it is the source of
 truth for a run's status. Exit codes, also stored in run.json: see EXIT_CODES.
+
+A run that stopped (a dead kernel, a lost Colab runtime, Ctrl-C) continues with `resume=RUN_DIR`:
+the notebook runs again in the same folder with the parameters run.json recorded and its
+`resume` parameter set to True, so that it picks up its own checkpoints there. Nothing is deleted:
+the earlier executed notebook is kept as `<notebook>.attempt-N.ipynb`, run.json lists every attempt.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from pathlib import Path
 import yaml
 
 from ftnb.progress import PROGRESS_FILE_ENV, describe, read_progress
+from ftnb.resume import checkpoint_step, last_checkpoint
 from ftnb.data import REPO_ROOT
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -41,6 +48,7 @@ PRESETS_FILE = NOTEBOOKS_DIR / "presets.yaml"
 PRESET_NAMES = ("smoke", "cpu", "t4", "gpu")
 RUN_RECORD = "run.json"
 PROGRESS_FILE = "progress.json"
+RESUME_PARAMETER = "resume"  # the flag a notebook declares when it can continue from its checkpoints
 # Files an earlier run left that must not be mistaken for the new run's (removed by force=True).
 RUN_FILES = ("metrics.json", RUN_RECORD, PROGRESS_FILE)
 EXIT_CODES = {"ok": 0, "cell_error": 1, "runner_error": 1, "usage": 2, "dead_kernel": 3, "cell_timeout": 4,
@@ -261,8 +269,38 @@ def _refuse_if_still_running(run_dir: Path) -> None:
         return  # the run died without ending its record (kill -9): its folder is free
     except PermissionError:
         pass  # exists, owned by someone else
-    raise UsageError(f"--output-dir {run_dir} belongs to a run that is still going (process {pid}); "
+    raise UsageError(f"{run_dir} belongs to a run that is still going (process {pid}); "
                      "wait for it, stop it, or choose another folder")
+
+
+def kill_kernel_at_checkpoint(run: subprocess.Popen, checkpoints_dir: str | Path, step: int,
+                              timeout: float = 600) -> int:
+    """A lost runtime, for real: wait until `checkpoints_dir` holds a complete checkpoint at `step` or
+    later, then SIGKILL the notebook's kernel (a child of `run`, a `python -m ftnb run` process) and
+    wait for the run to end. Returns the step of the newest complete checkpoint left. For the
+    demonstration in recipe 08 and the tests; raises RuntimeError if the run ends first.
+
+    Usage: step = kill_kernel_at_checkpoint(subprocess.Popen([... "ftnb", "run", ...]), run_dir / "checkpoints", 8)
+    """
+    import psutil
+
+    def newest() -> int:
+        return checkpoint_step(last_checkpoint(checkpoints_dir))
+
+    deadline = time.monotonic() + timeout
+    while newest() < step:
+        if run.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the run {'ended' if run.poll() is not None else 'wrote no checkpoint'} "
+                               f"before checkpoint {step} (newest: {newest()})")
+        time.sleep(0.01)  # a tiny model's step takes tens of milliseconds
+    kernels = [child for child in psutil.Process(run.pid).children(recursive=True)
+               if any("ipykernel" in part for part in child.cmdline())]
+    if not kernels:
+        raise RuntimeError(f"process {run.pid} has no notebook kernel to kill: is it a `python -m ftnb run`?")
+    for kernel in kernels:
+        kernel.send_signal(signal.SIGKILL)
+    run.wait()
+    return newest()
 
 
 def read_run_record(run_dir: str | Path) -> dict | None:
@@ -404,22 +442,35 @@ def _cell_source(error: BaseException) -> str:
 
 def run_notebook(notebook: str | Path, preset: str | None = None, parameters: dict | None = None,
                  output_dir: str | Path | None = None, runs_root: str | Path = "runs",
-                 cell_timeout: int | None = None, progress: bool = True, force: bool = False) -> RunResult:
+                 cell_timeout: int | None = None, progress: bool = True, force: bool = False,
+                 resume: str | Path | None = None) -> RunResult:
     """Execute a notebook (a path or a name in notebooks/) with papermill in a new run folder.
 
     Raises UsageError for input to fix (nothing has run), NotebookFailed when the notebook stopped
     early and RunInterrupted on Ctrl-C/SIGTERM; each carries exit_code, run_dir and output_notebook,
     and run.json says the same. Parameters given as strings are read as on the command line.
     `output_dir` must be new or empty unless `force` (which deletes an earlier run's metrics.json,
-    run.json and progress.json there). Run one at a time per process: the kernel gets the run's
+    run.json and progress.json there). `resume` (a run folder of this notebook that did not finish)
+    runs the notebook again there with the recorded parameters and resume=True; no other parameter,
+    preset or folder may be given with it. Run one at a time per process: the kernel gets the run's
     progress file through this process's environment.
 
     Usage: result = run_notebook("00_quickstart", "smoke", {"max_steps": 4}); result.metrics["..."]
     """
     notebook = find_notebook(notebook)
-    params = resolve_parameters(notebook, preset, parameters)
     declared = typed_parameters(notebook)
-    run_dir = _new_run_dir(notebook, preset, output_dir, runs_root, force)
+    attempts = []
+    if resume is None:
+        params = resolve_parameters(notebook, preset, parameters)
+        run_dir = _new_run_dir(notebook, preset, output_dir, runs_root, force)
+    else:
+        if preset or parameters or output_dir is not None or force:
+            raise UsageError("--resume runs again with the parameters and folder the run recorded: "
+                             "leave out --preset, -p, --output-dir and --force")
+        run_dir, previous = _resumable_run(notebook, resume, declared)
+        preset, parameters = previous.get("preset"), previous.get("overrides")
+        params = _recorded_parameters(previous, declared)
+        attempts = _keep_earlier_attempt(run_dir, notebook, previous)
     if "output_dir" in declared:
         params["output_dir"] = str(run_dir)
     output_notebook, record_path = run_dir / notebook.name, run_dir / RUN_RECORD
@@ -427,7 +478,8 @@ def run_notebook(notebook: str | Path, preset: str | None = None, parameters: di
               "notebook": _display_path(notebook), "executed_notebook": str(output_notebook),
               "preset": preset, "parameters": {**{p.name: p.default for p in declared.values()}, **params},
               "overrides": dict(parameters or {}), "started": _now(), "ended": None, "seconds": None,
-              "git": git_commit(), "versions": _versions(), "host": platform.node(), "pid": os.getpid()}
+              "git": git_commit(), "versions": _versions(), "host": platform.node(), "pid": os.getpid(),
+              **({"attempts": attempts} if attempts else {})}
     _write_json(record_path, record)
     if progress:
         print(f"run folder: {run_dir}", file=sys.stderr)  # known now, not only after a long run
@@ -456,6 +508,46 @@ def run_notebook(notebook: str | Path, preset: str | None = None, parameters: di
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     return RunResult(run_dir, output_notebook, metrics, record)
+
+
+def _resumable_run(notebook: Path, run_dir: str | Path, declared: dict[str, Parameter]) -> tuple[Path, dict]:
+    """The run folder to resume and its record, checked: a run of this notebook, which can resume,
+    that did not finish and is not still going."""
+    run_dir = Path(run_dir).resolve()
+    if RESUME_PARAMETER not in declared:
+        raise UsageError(f"{notebook.name} has no '{RESUME_PARAMETER}' parameter, so it cannot continue a run "
+                         "from its checkpoints; start a new run instead")
+    record = read_run_record(run_dir)
+    if record is None:
+        raise UsageError(f"--resume {run_dir}: no readable {RUN_RECORD} there, so it is not a run folder "
+                         "(pass the folder the run printed as 'run folder: ...')")
+    if Path(record.get("notebook", "")).stem != notebook.stem:
+        raise UsageError(f"--resume {run_dir} is a run of {record.get('notebook')}, not of {notebook.name}")
+    if record.get("status") == "ok":
+        raise UsageError(f"--resume {run_dir}: that run finished (status ok); there is nothing to resume")
+    _refuse_if_still_running(run_dir)
+    return run_dir, record
+
+
+def _recorded_parameters(record: dict, declared: dict[str, Parameter]) -> dict:
+    """The parameters a run recorded, checked against the notebook as it is now, with the resume flag."""
+    recorded = {name: value for name, value in record.get("parameters", {}).items()
+                if name in declared and name != "output_dir"
+                and not (declared[name].kind is None and value == declared[name].default)}  # an expression default
+    params = {name: declared[name].check(value, f"{RUN_RECORD} parameter") for name, value in recorded.items()}
+    return {**params, RESUME_PARAMETER: True}
+
+
+def _keep_earlier_attempt(run_dir: Path, notebook: Path, record: dict) -> list[dict]:
+    """Every earlier attempt's record, the last one's executed notebook renamed so the new run keeps it."""
+    attempts = list(record.get("attempts", []))
+    earlier = {key: record.get(key) for key in ("status", "exit_code", "error", "started", "ended", "seconds")}
+    executed = run_dir / notebook.name
+    if executed.exists():
+        kept = run_dir / f"{notebook.stem}.attempt-{len(attempts) + 1}.ipynb"
+        os.replace(executed, kept)
+        earlier["executed_notebook"] = str(kept)
+    return [*attempts, earlier]
 
 
 def _execute(notebook: Path, output_notebook: Path, params: dict, cell_timeout: int | None,

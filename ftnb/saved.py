@@ -13,7 +13,8 @@ Saving goes through the objects: `Classifier.save(folder)`, `sft.save_generator(
 `sft.export_merged(...)`, all of which call `save` here.
 
 The manifest (format_version 1), with what each field is for:
-    kind              "classifier" or "generator": which object `load` returns
+    kind              "classifier", "multihead" (one adapter, several classification heads) or
+                      "generator": which object `load` returns
     base_model        name (the pinned name to load it by), origin (where its weights came from),
                       revision (the hub commit, for hub models)
     dtype             the dtype the base was loaded in
@@ -26,6 +27,8 @@ The manifest (format_version 1), with what each field is for:
     weights           {"format": "adapters", "adapters": {name: {"peft_type", "path"}}, "active": name}
                       (one base, any number of named adapters), or {"format": "merged", "merged_from": ...}
     task              classifier: head, labels, label_field, text_fields, max_length;
+                      multihead: head, heads (label_field, labels and the head's rows of the one
+                      score layer, for each head), text_fields, max_length;
                       generator: system prompt and decoding defaults
     libraries         torch, transformers, peft, bitsandbytes, accelerate and ftnb versions
 """
@@ -41,17 +44,20 @@ from typing import Any
 
 import torch
 
+from ftnb.variants import save_weights
+
 MANIFEST = "ftnb_model.json"
 FORMAT = "ftnb-model"
 FORMAT_VERSION = 1
-KINDS = ("classifier", "generator")
+KINDS = ("classifier", "multihead", "generator")
 # The model class each kind loads (ftnb.models.TASKS) and the task fields its manifest must hold.
-_MODEL_TASK = {"classifier": "seq-cls", "generator": "causal-lm"}
+_MODEL_TASK = {"classifier": "seq-cls", "multihead": "seq-cls", "generator": "causal-lm"}
 _TASK_FIELDS = {"classifier": ("head", "labels", "label_field", "text_fields", "max_length"),
+                "multihead": ("head", "heads", "text_fields", "max_length"),
                 "generator": ("system", "decoding")}
 _LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 _PYPI_PACKAGE = re.compile(r"PyPI package ([A-Za-z0-9_.-]*[A-Za-z0-9])")
-_SAVERS = "Classifier.save, ftnb.tasks.sft.save_generator or ftnb.tasks.sft.export_merged"
+_SAVERS = "Classifier.save, MultiHeadClassifier.save, ftnb.tasks.sft.save_generator or ftnb.tasks.sft.export_merged"
 
 
 class ManifestError(ValueError):
@@ -74,7 +80,7 @@ def save(folder: str | Path, model, tokenizer, kind: str, base_model: str | dict
         raise ValueError(f"a {kind} needs the task fields {missing}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    save_weights(model, folder)  # model.save_pretrained, PiSSA converted to a LoRA on the original base
     tokenizer.save_pretrained(folder)
     manifest = build_manifest(model, kind, base_model, task, merged_from)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -234,10 +240,10 @@ def _check_files(folder: Path, weights: dict) -> None:
 
 # ---------------------------------------------------------------- loading
 def load(path: str | Path, batch_size: int = 16):
-    """The object saved in `path`: a Classifier (.predict, .predict_proba) or a Generator
-    (.generate, .stream), from an adapter folder or a merged one. The base model is loaded as
-    in training (same weights, quantization and parameter dtypes), so predictions match the
-    model that was saved. `batch_size` is the classifier's prediction batch.
+    """The object saved in `path`: a Classifier (.predict, .predict_proba), a MultiHeadClassifier
+    (the same, per head) or a Generator (.generate, .stream), from an adapter folder or a merged
+    one. The base model is loaded as in training (same weights, quantization and parameter
+    dtypes), so predictions match the model that was saved. `batch_size` is the classifier's prediction batch.
 
     Usage: clf = ftnb.saved.load("outputs/01_ticket_classification/classifier"); clf.predict(["..."])
     """
@@ -255,6 +261,14 @@ def load(path: str | Path, batch_size: int = 16):
         return Classifier(model, tokenizer, task["labels"], base_model=manifest["base_model"]["name"],
                           label_field=task["label_field"], text_fields=task["text_fields"],
                           max_length=task["max_length"], batch_size=batch_size)
+    if manifest["kind"] == "multihead":
+        from ftnb.tasks.multihead import MultiHeadClassifier, heads_of, model_labels
+
+        heads = heads_of(task)
+        model = load_model(folder, manifest, tokenizer=tokenizer, **model_labels(heads))
+        return MultiHeadClassifier(model, tokenizer, heads, base_model=manifest["base_model"]["name"],
+                                   text_fields=task["text_fields"], max_length=task["max_length"],
+                                   batch_size=batch_size)
     from ftnb.tasks.sft import Generator
 
     return Generator(load_model(folder, manifest), tokenizer, system=task["system"], decoding=task["decoding"])
@@ -330,6 +344,34 @@ def _load_checked(name: str, manifest: dict, quantized: bool, dtype: torch.dtype
             raise ManifestError(f"the saved model's base was quantized with {expected}, but ftnb.models.load_model "
                                 f"gives {loaded}; load the base yourself and pass it: load_model(folder, base=...)")
     return model
+
+
+def base_identity(manifest: dict) -> dict:
+    """What decides how a saved model's base loads (weights, revision, dtype, quantization): adapters
+    whose bases agree on all of it can share one base.
+
+    Usage: base_identity(read_manifest(a)) == base_identity(read_manifest(b))
+    """
+    base = manifest["base_model"]
+    return {"base model": base["name"], "revision": base.get("revision"), "dtype": manifest["dtype"],
+            "quantization": manifest["quantization"]}
+
+
+def shareable_adapter(folder: str | Path, manifest: dict) -> tuple[str, Path]:
+    """(name, path) of the folder's active adapter, checked to be one that can join others on a shared
+    base in one batch: a LoRA adapter (not merged weights, not another peft method).
+
+    Usage: name, path = shareable_adapter(folder, read_manifest(folder))
+    """
+    weights = manifest["weights"]
+    if weights["format"] != "adapters":
+        raise ValueError(f"{folder} holds merged weights, which cannot share a base with other adapters: "
+                         f"pass the adapter folder it was merged from")
+    name = weights["active"]
+    if weights["adapters"][name]["peft_type"] != "LORA":
+        raise ValueError(f"{folder}: only LoRA adapters can share a base in one batch, this one is "
+                         f"{weights['adapters'][name]['peft_type']}; export it merged (sft.export_merged)")
+    return name, Path(folder) / weights["adapters"][name]["path"]
 
 
 def replay_dtypes(model, manifest: dict) -> None:

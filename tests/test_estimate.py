@@ -11,7 +11,8 @@ import torch
 
 import ftnb.estimate
 from ftnb.estimate import (CALIBRATION, GIB, GPUS, MIB, ModelShape, estimate_inference_memory,
-                           estimate_training_memory, fits, logits_bytes, lora_params, model_shape, nf4_bytes)
+                           estimate_training_memory, fits, logits_bytes, lora_params, measure_training_peak, model_shape,
+                           nf4_bytes)
 
 BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "memory_estimates.py"
 
@@ -99,6 +100,8 @@ def test_fits_and_suggestions(smollm2):
     assert not verdict.fits and verdict.available_bytes == GPUS["T4 16 GB"]
     assert verdict.suggestions[0].startswith("turn on gradient checkpointing")
     assert any("accumulation" in s for s in verdict.suggestions)
+    long = estimate_training_memory(smollm2, batch_size=1, seq_len=32768, device="cuda").fits("T4 16 GB")
+    assert long.suggestions[0].startswith("compute the loss in chunks of 256 tokens")  # the logits: the largest term
     assert "does NOT fit" in str(verdict)
     assert fits(big, 200 * GIB).fits
     assert estimate_inference_memory(smollm2, "nf4", device="cpu").fits("current").needed_bytes > 0
@@ -149,6 +152,8 @@ def _change_of(suggestion: str) -> dict:
         return {"batch_size": int(m[1]), "grad_accumulation": int(m[2])}
     if m := re.search(r"8-bit optimizer \((\w+)\)", suggestion):
         return {"optimizer": m[1]}
+    if m := re.search(r"loss in chunks of (\d+) tokens", suggestion):
+        return {"loss_chunk_tokens": int(m[1])}
     if m := re.search(r"sequence length to (\d+)", suggestion):
         return {"seq_len": int(m[1])}
     if suggestion.startswith("load the base model in 4-bit NF4"):
@@ -301,3 +306,29 @@ def test_attention_dropout_is_counted_on_cpu_sdpa():
     assert activations(bert, "cpu") - activations(without, "cpu") == 6 * 16 * 12 * 128 * 128 * 3 * 4
     assert activations(bert, "cuda") == activations(without, "cuda")
     assert model_shape(SMOLLM2).attention_dropout == 0.0  # Llama-style configs: unchanged
+
+
+def test_chunked_loss_keeps_only_a_chunk_of_logits(smollm2):
+    kw = dict(device="cuda", batch_size=8, seq_len=512)
+    whole = estimate_training_memory(smollm2, **kw)
+    chunked = estimate_training_memory(smollm2, loss_chunk_tokens=256, **kw)
+    assert chunked.bytes_by_group()["loss"] == logits_bytes(1, 256, 49152) == whole.bytes_by_group()["loss"] / 16
+    assert estimate_training_memory(smollm2, loss_chunk_tokens=10**6, **kw).bytes_by_group()["loss"] == \
+        whole.bytes_by_group()["loss"]  # a chunk larger than the batch is the whole batch
+
+
+def test_measured_accumulation_runs_every_micro_step(tiny_model_path, monkeypatch):
+    """2 optimizer steps of 3 accumulated passes really run 6 losses (their time is measured, not
+    multiplied), through the chunked loss when asked; the prediction's loss row shrinks with it."""
+    import ftnb.memory
+
+    calls = []
+    real = ftnb.memory.chunked_causal_lm_loss
+    monkeypatch.setattr(ftnb.memory, "chunked_causal_lm_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(quantization="none", batch_size=2, seq_len=16, steps=2, fresh_process=False)
+    one = measure_training_peak(tiny_model_path, **kw)
+    three = measure_training_peak(tiny_model_path, grad_accumulation=3, loss_chunk_tokens=8, **kw)
+    assert len(calls) == 6 and len(three["step_seconds"]) == 2 and all(t > 0 for t in three["step_seconds"])
+    assert three["predicted_by_group_mib"]["loss"] < one["predicted_by_group_mib"]["loss"]
+    with pytest.raises(ValueError, match="seq-cls"):
+        measure_training_peak(tiny_model_path, task="seq-cls", loss_chunk_tokens=8, **kw)

@@ -149,3 +149,34 @@ def test_wrong_folders_say_what_to_pass(generator_dir, classifier_dir, exports, 
     with pytest.raises(FileNotFoundError, match="to_ctranslate2"):
         export.CTranslate2Engine.load(exports["fp32"])
     assert not (tmp_path / "ct2").exists()  # nothing half-written
+
+
+def test_reference_nll_agrees_across_engines_and_with_the_training_loss(generator_dir, exports, tiny_model_path, tok):
+    """The log-likelihood of given answers, batched with left padding, equals sft.response_nll's (the
+    loss recipe 02 reports, right-padded) on the adapter model, and CTranslate2 float32 gives the same
+    numbers; the base model gives others, so the check can tell models apart."""
+    rows = [{**row, "output": answer} for row, answer in zip(ROWS, ["Pay each month.", "Run pip install requests.",
+                                                                   "You have had a cough for three days."])]
+    source = export.TransformersEngine.load(generator_dir)
+    expected = [r["nll"] for r in sft.response_nll(source.model, tok, rows)]
+    engines = {"source": source, "ct2-float32": export.CTranslate2Engine.load(exports["ct2-float32"], compute_type="float32")}
+    for name, engine in engines.items():
+        measured = export.reference_nll(engine, tok, rows, batch_size=2)
+        assert [r["tokens"] for r in measured] == [r["tokens"] for r in sft.response_nll(source.model, tok, rows)]
+        np.testing.assert_allclose([r["nll"] for r in measured], expected, rtol=1e-4, atol=1e-3, err_msg=name)
+    base = export.TransformersEngine(load_model(tiny_model_path, dtype=torch.float32), tok)
+    assert not np.allclose([r["nll"] for r in export.reference_nll(base, tok, rows)], expected, atol=1e-2)
+
+
+def test_gguf_holds_the_merged_weights(generator_dir, exports, prompts, reference, tok, tmp_path):
+    """llama.cpp's converter (downloaded from PyPI once) writes the merged model; read back by
+    transformers' GGUF reader, f32 answers exactly like the adapter model and q8_0 starts like it."""
+    f32 = export.to_gguf(exports["fp32"], tmp_path / "model-f32.gguf", outtype="f32")
+    engine = export.TransformersEngine.load_gguf(f32, tok)
+    assert export.agreement(reference, engine.greedy(prompts, NEW_TOKENS))["identical"] == 1.0
+    q8 = export.to_gguf(exports["fp32"], tmp_path / "model-q8_0.gguf")
+    assert q8.stat().st_size < 0.4 * f32.stat().st_size  # 8.5 bits per weight against 32
+    outputs = export.TransformersEngine.load_gguf(q8, tok).greedy(prompts, NEW_TOKENS)
+    assert [o[0] for o in outputs] == [r[0] for r in reference]
+    with pytest.raises(ValueError, match="merge them first"):
+        export.to_gguf(generator_dir, tmp_path / "x.gguf")

@@ -83,3 +83,45 @@ def test_footprint_counts_trainable_adapters(tiny_model_path):
     fp = footprint(model)
     assert fp.trainable_params == 2 * (4 * 64 + 64 * 4)  # A and B for q_proj in 2 layers
     assert fp.bytes_by_role()["trainable"] == fp.trainable_params * 4
+
+
+def _largest_saved_tensor(loss_fn) -> int:
+    """Elements of the largest tensor autograd keeps for backward while `loss_fn()` runs."""
+    sizes = []
+
+    def keep(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss_fn()
+    return max(sizes)
+
+
+def test_chunked_loss_equals_the_model_loss_without_keeping_the_logits(tiny_model_path):
+    """Same loss and same LoRA gradients as model(labels=...), ignored labels included; and no
+    tensor of batch x sequence x vocabulary is kept for backward, where the plain loss keeps one."""
+    from peft import LoraConfig, get_peft_model
+
+    from ftnb.memory import chunked_causal_lm_loss
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_model_path, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a masked prompt
+
+    def gradients(loss_fn):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    plain = lambda: model(input_ids=ids, labels=labels).loss
+    chunked = lambda: chunked_causal_lm_loss(model, ids, labels, chunk_tokens=7)  # 46 positions: 7 chunks, one short
+    (loss_a, grads_a), (loss_b, grads_b) = gradients(plain), gradients(chunked)
+    assert loss_b == pytest.approx(float(loss_a), rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))
+    logits_elements = 2 * 24 * model.config.vocab_size
+    assert _largest_saved_tensor(plain) >= logits_elements > 4 * _largest_saved_tensor(chunked)

@@ -35,6 +35,9 @@ def _tickets(m: dict) -> None:
     assert 0 < mcnemar["p_value"] <= 1
     difference = m["qlora_vs_tfidf"]["macro_f1_difference"]
     assert difference["low"] <= difference["estimate"] <= difference["high"]
+    summary = m["summary"]  # one row of a sweep's table (ftnb.sweep); chosen on validation
+    assert 0 <= summary["validation_macro_f1"] <= 1 and summary["adapter_mib"] > 0 and summary["tokens_per_second"] > 0
+    assert summary["test_macro_f1_low"] <= summary["test_macro_f1"] <= summary["test_macro_f1_high"]
 
 
 def _domains(m: dict) -> None:
@@ -54,11 +57,26 @@ def _quantization(m: dict) -> None:
     # offline: the weights are the de-quantized GGUF copy, said in the table, and the gap to the original is skipped
     assert m["weights"] == "fp32 (de-quantized Q4_1)" and "fp32 (de-quantized Q4_1)" in [r["format"] for r in m["table"]]
     assert "HF_HUB_OFFLINE is set" in m["source_gap"]["skipped"]
-    assert all(r["zero_shot_low"] <= r["zero_shot_accuracy"] <= r["zero_shot_high"] for r in m["table"])
+    for r in m["table"]:  # every quality number with its interval, every timing with its spread
+        for column in ("perplexity", "perplexity_vs_reference", "zero_shot_accuracy"):
+            assert r[f"{column}_low"] <= r[column] <= r[f"{column}_high"]
+        for column in ("ttft_ms", "decode_tokens_per_s"):
+            assert 0 < r[f"{column}_min"] <= r[column] <= r[f"{column}_max"]
+        assert all(r[step] > 0 for step in ("read_s", "load_model_s", "first_call_s"))  # load time, split by step
+    reference = next(r for r in m["table"] if r["format"] == m["reference"])  # the reference against itself
+    assert reference["perplexity_vs_reference"] == reference["perplexity_vs_reference_high"] == 0
+    assert m["speed_repeats"] >= 2 and m["arithmetic"]["nf4_dq_bytes_per_weight"] < m["arithmetic"]["nf4_bytes_per_weight"]
 
 
 def _memory_lab(m: dict) -> None:
     assert m["sweep"] and _finite(m["estimate_mib"], m["max_abs_error"]) and m["estimate_mib"] > 0
+    assert all(r["optimizer_step_seconds"] > 0 and "=" not in r["setting"] for r in m["sweep"])  # readable labels
+    assert any(r["accumulation"] > 1 for r in m["sweep"])  # an accumulation run, measured
+    kept = m["trainable_state_mib"]["accumulated gradients (fp32)"]
+    assert kept == 4 * m["trainable_params"] / 2**20 > 0  # printed from the model's own parameter count
+    chunked = m["chunked_loss"]  # the smoke preset sweeps the loss in chunks: its predicted loss term shrinks
+    assert chunked["predicted_loss_chunked_mib"] < chunked["predicted_loss_whole_mib"]
+    assert _finite(chunked["measured_chunked_mib"], chunked["measured_whole_mib"]) and m["levers"]
 
 
 def _lora_from_scratch(m: dict) -> None:
@@ -80,10 +98,14 @@ def _lora_from_scratch(m: dict) -> None:
 def _inference_and_serving(m: dict) -> None:
     generator, classifier = m["generator_quality"], m["classifier_quality"]
     assert "CTranslate2 int8" in generator and "transformers fp32 merged" in generator and len(classifier) >= 2
+    assert any(name.startswith("GGUF") for name in generator) and m["sizes_mib"]["generator gguf-q8_0"] > 0
+    assert next(iter(generator.values()))["loss_delta_vs_source"]["estimate"] == 0  # the source against itself
     for row in generator.values():  # a Wilson interval per format, a paired interval for its delta to the source
         ci, delta = row["format_adherence"], row["delta_vs_source"]
         assert 0 <= ci["low"] <= ci["estimate"] <= ci["high"] <= 1 and delta["low"] <= delta["estimate"] <= delta["high"]
         assert 0 <= row["identical"] <= 1
+        loss, loss_delta = row["reference_loss"], row["loss_delta_vs_source"]  # a loss per answer token, paired delta
+        assert 0 < loss["low"] <= loss["estimate"] <= loss["high"] and loss_delta["low"] <= loss_delta["estimate"] <= loss_delta["high"]
     assert all(r["macro_f1"]["low"] <= r["macro_f1"]["estimate"] <= r["macro_f1"]["high"] for r in classifier.values())
     engines = {r["engine"] for r in m["speed"]}
     assert all(r["tokens_per_s"] > 0 and 0 < r["ttft_s"] < r["seconds"] for r in m["speed"]) and len(engines) >= 4
@@ -104,10 +126,49 @@ def _scale_out(m: dict) -> None:
     assert _finite(m["optimizer_ms_per_million"]) and m["optimizer_ms_per_million"] > 0
 
 
+def _experiments(m: dict) -> None:
+    sweep = m["sweep"]  # every run of the sweep ran, one setting was chosen on validation, its test read
+    assert sweep["runs"] == sweep["ok"] > 0 and sweep["failed"] == 0
+    assert set(sweep["chosen"]) == set(sweep["grid"]) and sweep["chosen_test"]
+    assert all(t["test_macro_f1_low"] <= t["test_macro_f1"] <= t["test_macro_f1_high"] for t in sweep["chosen_test"])
+    assert m["monitoring"]["runs_with_curves"] == sweep["runs"] and m["monitoring"]["loss_points"] > 0
+    variants = m["variants"]  # every variant's runs finished, each variant at its best rate on validation
+    assert variants["runs"] > 0 and variants["failed"] == 0
+    assert all(0 <= row["validation_mean"] <= 1 and row["adapter_mib"] > 0 for row in variants["best"])
+    resume = m["resume"]  # killed mid-training, resumed: the same losses and scores as a run left alone
+    assert resume["killed_at_step"] > 0 and resume["largest_difference"] <= 1e-6
+
+
+def _multitask(m: dict) -> None:
+    same = m["shared_vs_alone"]  # every task on the shared base computes what its folder computes alone
+    for task in ("category", "priority"):
+        assert same[task]["max_probability_diff"] <= 1e-5 and same[task]["identical_predictions"]
+        shared = same[task]["test_macro_f1_shared"]
+        assert shared == same[task]["test_macro_f1_alone"] and shared["low"] <= shared["estimate"] <= shared["high"]
+    generators = [task for task, row in same.items() if "max_logit_diff" in row]
+    assert len(generators) >= 2 and all(same[t]["max_logit_diff"] <= 1e-5 for t in generators)
+    assert max(m["fresh_process_max_diff"].values()) <= 1e-5  # a new process loading the folders by task name
+    assert 0 < m["memory"]["shared_mib"] < m["memory"]["separate_mib"]
+    equality = m["mixed_equality"]  # one batch, one adapter per row == each row with its own task
+    assert equality["generation_max_logit_diff"] <= 1e-5 and equality["classification_max_probability_diff"] <= 1e-5
+    assert all(r["tokens_per_s"] > 0 and r["tickets_per_s"] > 0 for r in m["mixed_speed"])
+    assert len(m["guards"]) == 5 and 0 <= m["head_mixup_changed_share"] <= 1
+    shared = m["shared_adapter"]  # one adapter, two heads, against the separate classifiers, on both splits
+    assert set(shared["macro_f1"]) == {f"{s}/{t}" for s in ("validation", "test") for t in ("category", "priority")}
+    assert all(i["low"] <= i["estimate"] <= i["high"] for row in shared["macro_f1"].values() for i in row.values())
+    cost = shared["cost"]
+    assert cost["one shared adapter, two heads"]["trainable parameters"] < cost["two separate adapters"]["trainable parameters"]
+    combos = m["combinations"]  # cat is exactly the weighted sum of the updates; linear is not, once they are non-zero
+    assert combos["sum_error"]["cat"]["max_abs"] <= 1e-5 and all(0 <= r["rate"] <= 1 for r in combos["adherence"])
+    if "linear" in combos["sum_error"] and combos["largest_update"] > 0:
+        assert combos["sum_error"]["linear"]["relative"] > 1e-3
+
+
 METRIC_CHECKS = {"00_quickstart": _quickstart, "01_ticket_classification": _tickets,
                  "02_domain_generation": _domains, "03_quantization": _quantization, "04_memory_lab": _memory_lab,
                  "05_lora_from_scratch": _lora_from_scratch, "07_inference_and_serving": _inference_and_serving,
-                 "09_scale_out": _scale_out}
+                 "09_scale_out": _scale_out, "08_experiments": _experiments,
+                 "06_multitask_adapters": _multitask}
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)

@@ -86,7 +86,19 @@ ROW_LIMITS = {
         "train_limit": (lambda p: _tickets(p, "train"), True),
         "eval_limit": (lambda p: min(_tickets(p, "validation"), _tickets(p, "test")), True),  # both splits
     },
+    "06_multitask_adapters": {
+        "train_limit": (lambda p: len(_rows("tickets", "train")), True),
+        "eval_limit": (lambda p: len(_rows("tickets", "test")), True),
+        "domain_train_limit": (lambda p: min(_per_domain(_rows("domains", "train")).values()), False),  # per domain
+    },
 }
+
+
+def _per_domain(rows: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["domain"]] = counts.get(row["domain"], 0) + 1
+    return counts
 
 
 def _is_row_limit(name: str) -> bool:
@@ -95,8 +107,8 @@ def _is_row_limit(name: str) -> bool:
 
 def test_every_notebook_has_every_preset():
     assert NOTEBOOKS, f"no notebooks found in {NOTEBOOKS_DIR}"
-    for notebook in NOTEBOOKS:
-        assert set(presets_for(notebook)) == set(PRESET_NAMES), notebook.name
+    for notebook in NOTEBOOKS:  # and may have more, such as 01's `sweep`
+        assert set(PRESET_NAMES) <= set(presets_for(notebook)), notebook.name
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda nb: nb.stem)

@@ -264,7 +264,7 @@ def test_a_folder_without_a_manifest_says_what_it_is_not(tmp_path):
     (lambda m: "{not json", "is not valid JSON"),
     (lambda m: {**m, "format": "other"}, "is not an ftnb model manifest"),
     (lambda m: {**m, "format_version": 99}, r"written by a newer ftnb \(format version 99; this ftnb reads up to 1\)"),
-    (lambda m: {**m, "kind": "multi-task"}, "unknown kind 'multi-task'; this ftnb loads classifier, generator"),
+    (lambda m: {**m, "kind": "multi-task"}, "unknown kind 'multi-task'; this ftnb loads classifier, multihead, generator"),
     (lambda m: {k: v for k, v in m.items() if k != "quantization"}, "lacks quantization; save the model again"),
     (lambda m: {**m, "task": {"labels": ["a"]}}, "lacks task.head, task.label_field"),
 ])

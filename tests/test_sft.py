@@ -207,6 +207,23 @@ def test_perplexity_counts_response_tokens_only(tiny_model_path, tok):
     assert result["loss"] == pytest.approx(pooled, rel=1e-4)  # padding does not change the loss
 
 
+def test_perplexity_intervals_resample_rows_and_pair_the_models(tiny_model_path, tok):
+    """The interval's estimate is `perplexity`'s pooled value; a model against itself differs by
+    exactly 0; against another model the paired difference has the sign and size of the gap."""
+    model = load_model(tiny_model_path, dtype=torch.float32)
+    rows = sft.response_nll(model, tok, ROWS, batch_size=2)
+    ci = sft.perplexity_interval(rows, n_resamples=200)
+    assert ci.estimate == pytest.approx(sft.perplexity(model, tok, ROWS, batch_size=2)["perplexity"])
+    assert ci.low < ci.estimate < ci.high  # the rows' perplexities differ, so resampling moves it
+    same = sft.perplexity_difference(rows, rows, n_resamples=200)
+    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
+    worse = [{**r, "nll": r["nll"] + 0.1 * r["tokens"]} for r in rows]  # +0.1 nat per token everywhere
+    gap = sft.perplexity_difference(worse, rows, n_resamples=200)
+    assert gap.estimate == pytest.approx(ci.estimate * (math.exp(0.1) - 1)) and 0 < gap.low <= gap.high
+    with pytest.raises(ValueError, match="same rows"):
+        sft.perplexity_difference(rows[:2], sft.response_nll(model, tok, ROWS[1:], batch_size=2))
+
+
 def test_perplexity_over_no_response_token_is_nan(tiny_model_path, tok):
     """Prompts longer than max_length leave no response token to score: exp(0) = 1 would read as
     a perfect model, so the result is NaN, with a warning that says why."""

@@ -86,7 +86,7 @@ def load_models(specs: list[str]) -> dict[str, Served]:
             engine = Engine(gen.model, gen.tokenizer, mixes_adapters=False)
             served[name] = ServedGenerator(name, engine, None, gen.system, gen.decoding)
         else:
-            groups.setdefault(_base_key(manifest), []).append(name)
+            groups.setdefault(json.dumps(saved.base_identity(manifest)), []).append(name)
     for names in groups.values():
         for model in _load_adapter_group(names, folders, manifests):
             if model.name in served or (model.adapter == BASE_ROW and model.name in folders):
@@ -94,12 +94,6 @@ def load_models(specs: list[str]) -> dict[str, Served]:
                                  f"name the folders otherwise, NAME=FOLDER")
             served[model.name] = model
     return served
-
-
-def _base_key(manifest: dict) -> str:
-    """Adapters whose bases load identically (same weights, dtype, quantization) can share one."""
-    base = manifest["base_model"]
-    return json.dumps([base["name"], base.get("revision"), manifest["dtype"], manifest["quantization"]])
 
 
 def _load_adapter_group(names: list[str], folders: dict[str, Path],
@@ -111,12 +105,8 @@ def _load_adapter_group(names: list[str], folders: dict[str, Path],
     first = manifests[names[0]]
     model, dtypes, adapters = saved.load_base(first), {}, {}
     for i, name in enumerate(names):
-        weights = manifests[name]["weights"]
-        saved_name, internal = weights["active"], f"adapter_{i}"
-        if weights["adapters"][saved_name]["peft_type"] != "LORA":
-            raise ValueError(f"{folders[name]}: only LoRA adapters can share a base in one batch, this one is "
-                             f"{weights['adapters'][saved_name]['peft_type']}; export it merged (sft.export_merged)")
-        path = folders[name] / weights["adapters"][saved_name]["path"]
+        saved_name, path = saved.shareable_adapter(folders[name], manifests[name])
+        internal = f"adapter_{i}"
         if isinstance(model, PeftModel):
             model.load_adapter(path, adapter_name=internal)
         else:

@@ -165,11 +165,15 @@ class WeightedTrainer(Trainer):
             total = self.accelerator.gather(total).sum()
         return total
 
+    def example_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each example's cross-entropy, shaped like `labels` (a subclass may score several heads)."""
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none",
+                                                 label_smoothing=self.args.label_smoothing_factor)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        nll = torch.nn.functional.cross_entropy(outputs.logits.float(), labels, reduction="none",
-                                                label_smoothing=self.args.label_smoothing_factor)
+        nll = self.example_losses(outputs.logits.float(), labels)
         weights = self._example_weights(labels)
         loss = (weights * nll).sum() / (weights.sum() if num_items_in_batch is None else num_items_in_batch)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -375,22 +379,11 @@ class Classifier:
         self.base_model, self.max_length, self.label_field = base_model, max_length, label_field
         self.text_fields, self.batch_size = list(text_fields), batch_size
 
-    @torch.no_grad()
     def probabilities(self, records: Sequence[Record]) -> np.ndarray:
-        """Softmax probabilities, an array (len(records), len(labels)). Batches are formed from
-        records of similar length (less padding), results come back in input order."""
-        self.model.eval()
-        texts = [record_text(r, self.text_fields) for r in records]
-        enc = encode(self.tokenizer, texts, self.max_length)["input_ids"]
-        order = np.argsort([len(x) for x in enc], kind="stable")
-        out = np.zeros((len(texts), len(self.labels)))
-        device = next(self.model.parameters()).device
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            batch = self.tokenizer.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt").to(device)
-            logits = self.model(**batch).logits.float()
-            out[idx] = torch.softmax(logits, -1).cpu().numpy()
-        return out
+        """Softmax probabilities, an array (len(records), len(labels))."""
+        logits = predict_logits(self.model, self.tokenizer, records, self.text_fields, self.max_length,
+                                self.batch_size)
+        return torch.softmax(torch.from_numpy(logits), -1).numpy().astype(np.float64)
 
     def predict_proba(self, records: Sequence[Record]) -> list[dict[str, float]]:
         """One {label: probability} dict per record."""
@@ -406,22 +399,49 @@ class Classifier:
         A head left out of the adapter would reload random: that is an error here, not later."""
         from ftnb import saved
 
-        head = self._head_name()
-        if hasattr(self.model, "peft_config"):
-            kept = set().union(*(c.modules_to_save or [] for c in self.model.peft_config.values()))
-            if head not in kept:
-                raise ValueError(f"the adapter does not save the trained head {head!r}, so a reload would get a "
-                                 f"random one: create the LoraConfig with modules_to_save=[{head!r}]")
-        task = {"head": head, "labels": self.labels, "label_field": self.label_field,
+        task = {"head": saved_head_name(self.model), "labels": self.labels, "label_field": self.label_field,
                 "text_fields": self.text_fields, "max_length": self.max_length}
         return saved.save(path, self.model, self.tokenizer, "classifier", self.base_model, task)
 
-    def _head_name(self) -> str:
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        found = [name for name in HEAD_NAMES if hasattr(base, name)]
-        if not found:
-            raise ValueError(f"the model has no classification head named {' or '.join(HEAD_NAMES)}")
-        return found[0]
+
+def saved_head_name(model) -> str:
+    """The name of the model's classification head, checked to be saved with its adapter: a head
+    left out of the adapter would reload random, so that is an error here, not at reload.
+
+    Usage: task = {"head": saved_head_name(peft_model), ...}
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    found = [name for name in HEAD_NAMES if hasattr(base, name)]
+    if not found:
+        raise ValueError(f"the model has no classification head named {' or '.join(HEAD_NAMES)}")
+    head = found[0]
+    if hasattr(model, "peft_config"):
+        kept = set().union(*(c.modules_to_save or [] for c in model.peft_config.values()))
+        if head not in kept:
+            raise ValueError(f"the adapter does not save the trained head {head!r}, so a reload would get a "
+                             f"random one: create the LoraConfig with modules_to_save=[{head!r}]")
+    return head
+
+
+@torch.no_grad()
+def predict_logits(model, tokenizer, records: Sequence[Record], text_fields: Sequence[str], max_length: int,
+                   batch_size: int = 16) -> np.ndarray:
+    """A classification model's logits (float32), an array (len(records), outputs). Batches are formed
+    from records of similar length (less padding), results come back in input order.
+
+    Usage: predict_logits(clf_model, tok, tickets, ["subject", "body"], max_length=128)
+    """
+    model.eval()
+    texts = [record_text(r, text_fields) for r in records]
+    enc = encode(tokenizer, texts, max_length)["input_ids"]
+    order = np.argsort([len(x) for x in enc], kind="stable")
+    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = tokenizer.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt").to(device)
+        out[idx] = model(**batch).logits.float().cpu().numpy()
+    return out
 
 
 def _as_list(records) -> list:

@@ -7,6 +7,7 @@ Usage:
     sft.check_same_template(tok, rows[0])                               # inference prompt == training prefix
     sft.evaluate(model, tok, test_rows, gen_rows, formats=formats.read_formats("domains"))  # + ROUGE-L
     sft.perplexity(model, tok, rows)                                    # {'loss': ..., 'perplexity': ...}
+    sft.perplexity_interval(sft.response_nll(model, tok, rows))         # with a bootstrap interval over rows
     gen = ftnb.saved.load("outputs/02_domain_generation/adapter")       # adapter or merged folder
     gen.generate("Explain this contract clause in plain English.", "Tenant shall ...")
 
@@ -23,9 +24,11 @@ from pathlib import Path
 from threading import Event, Thread
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 from datasets import Dataset
 
+from ftnb import stats
 from ftnb.data import Schema
 from ftnb.inference import chat_inputs
 from ftnb.tasks.formats import adherence_report, format_adherence
@@ -76,6 +79,17 @@ def _rows(rows) -> list[dict]:
 def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
                                          return_dict=True)["input_ids"]
+
+
+def prompt_and_response_ids(tokenizer, row: dict, system: str = SYSTEM_PROMPT) -> tuple[list[int], list[int]]:
+    """The chat prompt's token ids (assistant header included) and the reference response's after it
+    (end-of-turn included), split where the template puts them.
+
+    Usage: prompt, response = prompt_and_response_ids(tok, ds["validation"][0])
+    """
+    ex = to_prompt_completion(row, system)
+    prompt = _chat_ids(tokenizer, ex["prompt"], add_generation_prompt=True)
+    return prompt, _chat_ids(tokenizer, ex["prompt"] + ex["completion"])[len(prompt):]
 
 
 def example_length(tokenizer, row: dict, system: str = SYSTEM_PROMPT) -> int:
@@ -213,10 +227,9 @@ def response_nll(model, tokenizer, rows: list[dict] | Dataset, max_length: int =
     model.eval()
     examples = []
     for row in _rows(rows):
-        ex = to_prompt_completion(row, system)
-        prompt = _chat_ids(tokenizer, ex["prompt"], add_generation_prompt=True)
-        full = _chat_ids(tokenizer, ex["prompt"] + ex["completion"])
-        labels = ([IGNORE] * len(prompt) + full[len(prompt):])[:max_length]  # a prompt may exceed max_length
+        prompt, response = prompt_and_response_ids(tokenizer, row, system)
+        full = prompt + response
+        labels = ([IGNORE] * len(prompt) + response)[:max_length]  # a prompt may exceed max_length
         examples.append((full[:max_length], labels, len(full) > max_length))
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
     results: list[dict] = [{} for _ in examples]
@@ -262,6 +275,38 @@ def perplexity(model, tokenizer, rows: list[dict] | Dataset, max_length: int = 3
     Usage: perplexity(model, tok, ds["test"])["perplexity"]
     """
     return _aggregate(response_nll(model, tokenizer, rows, max_length, batch_size, system))
+
+
+def _pooled_perplexity(tokens, nll, axis=-1):
+    """exp(summed NLL / summed tokens) along `axis`: the numpy-style metric the bootstrap resamples."""
+    return np.exp(np.sum(nll, axis=axis) / np.sum(tokens, axis=axis))
+
+
+def _tokens_and_nll(per_row: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([r["tokens"] for r in per_row]), np.array([r["nll"] for r in per_row])
+
+
+def perplexity_interval(per_row: list[dict], **bootstrap_kwargs) -> stats.Interval:
+    """Perplexity of `response_nll`'s rows (tokens pooled, as `perplexity` does) with a bootstrap
+    interval over rows: a row's tokens are not independent, so whole rows are resampled.
+
+    Usage: print(perplexity_interval(response_nll(model, tok, ds["validation"])))  # 7.41 [6.90, 7.98]
+    """
+    return stats.bootstrap_interval(_pooled_perplexity, *_tokens_and_nll(per_row), **bootstrap_kwargs)
+
+
+def perplexity_difference(per_row_a: list[dict], per_row_b: list[dict], **bootstrap_kwargs) -> stats.Interval:
+    """Perplexity of A minus that of B on the same rows, with a paired bootstrap interval (both
+    scored on the same resampled rows, so how hard the drawn rows are cancels out).
+
+    Usage: perplexity_difference(response_nll(nf4, tok, rows), response_nll(fp32, tok, rows))
+    """
+    tokens, nll_a = _tokens_and_nll(per_row_a)
+    tokens_b, nll_b = _tokens_and_nll(per_row_b)
+    if not np.array_equal(tokens, tokens_b):
+        raise ValueError("per_row_a and per_row_b must score the same rows with the same tokenizer and max_length "
+                         "(their response token counts differ)")
+    return stats.paired_bootstrap_difference(_pooled_perplexity, tokens, nll_a, nll_b, **bootstrap_kwargs)
 
 
 # ---------------------------------------------------------------- generation
