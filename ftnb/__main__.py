@@ -90,6 +90,11 @@ def _serve(args) -> int:
     return 0
 
 
+def _add_param_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """-p KEY VALUE, repeatable: parameter overrides, read later against each parameter's type."""
+    parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help=help)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ftnb", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                "memory), 4 a cell timed out, 130 Ctrl-C, 143 SIGTERM; run.json in the run folder says the same")
     run.add_argument("notebook", help="a path, or a notebook's name in notebooks/ (00_quickstart, or just 00)")
     run.add_argument("--preset", help="smoke, cpu, t4 or gpu (see notebooks/presets.yaml)")
-    run.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                     help="override one parameter; VALUE must fit the type of the parameter's default: "
-                          "3, 1e-4, true, some/model-id, [a, b]")
+    _add_param_option(run, "override one parameter; VALUE must fit the type of the parameter's default: "
+                           "3, 1e-4, true, some/model-id, [a, b]")
     run.add_argument("--output-dir", type=Path,
                      help="the run folder (default: a new runs/<notebook>/<timestamp>-<preset>); it must be "
                           "new or empty")
@@ -124,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="a parameter and its values (repeat for more parameters): every combination runs")
     sweep.add_argument("--grid-file", type=Path, help="a YAML file {parameter: [values]}; --grid adds to it")
     sweep.add_argument("--seeds", type=int, default=0, help="run each combination with seed 0..N-1")
-    sweep.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                       help="a value every run gets on top of the preset")
+    _add_param_option(sweep, "a value every run gets on top of the preset")
     sweep.add_argument("--sweep-dir", type=Path,
                        help="the sweep folder (default: runs/sweeps/<notebook>-<preset>); results.csv is written there")
     sweep.add_argument("--jobs", type=int, default=1, help="runs at a time, each on its share of the cores")
