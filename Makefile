@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 test: setup
-	$(OFFLINE) $(BIN)/python -m pytest -q tests
+	$(OFFLINE) $(BIN)/python -m pytest -q --durations=25 tests
 
 main: setup
 	$(OFFLINE) $(BIN)/python -m ftnb run notebooks/01_ticket_classification.ipynb --preset cpu

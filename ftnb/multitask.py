@@ -10,8 +10,16 @@ Usage:
     mt.predict_proba_mixed(["category", "priority"], [ticket, ticket])    # one backbone pass, two heads
     mt.generate_batch(["legal", "medical"], [row_a, row_b])               # one generate call, two adapters
 
-The folders are what recipes 01 and 02 save (`Classifier.save`, `sft.save_generator`); their bases
-must load identically (same weights, dtype, quantization), else loading them together is refused.
+The folders are what recipes 01, 02 and 06 save (`Classifier.save`, `sft.save_generator`,
+`MultiHeadClassifier.save`); their bases must load identically (same weights, dtype, quantization),
+else loading them together is refused.
+
+A folder with one adapter and several heads (`MultiHeadClassifier.save`, kind "multihead") given as
+NAME becomes one classifier task per head, named "NAME/<label field>": {"shared": folder} gives the
+tasks "shared/category" and "shared/priority". All of them run with the ONE adapter NAME, each with
+its own rows of the saved score layer as its head, and compute what the folder loaded alone computes
+for that head. The "/" keeps them apart from tasks given by name (task names may not contain one).
+
 The base is loaded as a causal LM. A classifier was trained as a sequence-classification model,
 whose backbone is the causal LM's (same module names, so its LoRA weights load unchanged); its
 head is read from the adapter file and kept as the task's own `torch.nn.Linear`, applied to the
@@ -37,11 +45,12 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ftnb import saved
 from ftnb.inference import left_pad
-from ftnb.tasks import classify, sft
+from ftnb.tasks import classify, multihead, sft
 
 # peft keeps adapters in ModuleDicts keyed by name: no dots, and nothing peft uses itself
 _TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
-_SHAREABLE_KINDS = ("classifier", "generator")
+_SHAREABLE_KINDS = ("classifier", "multihead", "generator")
+_HEADED_KINDS = ("classifier", "multihead")  # folders whose adapter file also holds a score layer
 
 
 class UnknownTaskError(KeyError):
@@ -57,9 +66,9 @@ class Task:
     (a Classifier whose model is the shared base through this adapter and this head, or a
     Generator through this adapter). Frozen: the adapter and head stay bound."""
     name: str
-    kind: str  # "classifier" or "generator"
+    kind: str  # "classifier" (also each head of a multihead folder) or "generator"
     folder: Path
-    adapter: str
+    adapter: str  # the peft adapter: the name the folder was given (shared by the heads of a multihead folder)
     classifier: classify.Classifier | None = None
     generator: sft.Generator | None = None
 
@@ -129,7 +138,8 @@ class MultiTaskModel:
     @classmethod
     def from_folders(cls, folders: Mapping[str, str | Path], batch_size: int = 16) -> "MultiTaskModel":
         """Load the base once (as the first folder's manifest records it) and attach each folder's
-        active LoRA adapter under its task name; `batch_size` is the classifiers' prediction batch.
+        active LoRA adapter under its given name; a multihead folder gives one task per head,
+        "NAME/<label field>" (see the module docstring). `batch_size` is the classifiers' prediction batch.
 
         Usage: MultiTaskModel.from_folders({"category": "runs/01/classifier", "legal": "runs/06/legal"})
         """
@@ -153,8 +163,8 @@ class MultiTaskModel:
             dtypes = _merge_dtypes(dtypes, _renamed_dtypes(name, manifest), folders[name])
         saved.replay_dtypes(shared, {**first, "parameter_dtypes": dtypes})
         shared.eval()
-        tasks = {name: _task(shared, name, folders[name], manifests[name], tokenizers[name], heads[name], batch_size)
-                 for name in folders}
+        tasks = {task.name: task for name in folders
+                 for task in _tasks(shared, name, folders[name], manifests[name], tokenizers[name], heads[name], batch_size)}
         return cls(shared, next(iter(tokenizers.values())), tasks)
 
     # ------------------------------------------------------------ by task name
@@ -277,15 +287,16 @@ class MultiTaskModel:
         return answers
 
     def summary(self) -> list[dict]:
-        """One row per task: name, kind, folder, labels or system prompt, LoRA and head parameters, and
-        the MiB they take as stored (a QLoRA adapter trained with TRL is kept in bf16)."""
+        """One row per task: name, kind, adapter, folder, labels or system prompt, the parameters of its
+        adapter and of its head, and the MiB they take as stored (a QLoRA adapter trained with TRL is kept
+        in bf16). The heads of one multihead folder share its adapter: sum LoRA parameters per adapter."""
         rows = []
         for name, task in self.tasks.items():
             lora = [p for n, p in self.shared.named_parameters() if f".{task.adapter}." in n]
             head = list(task.head.parameters()) if task.head else []
             what = (f"{len(task.classifier.labels)} labels ({task.classifier.label_field})" if task.classifier
                     else f"system prompt: {task.generator.system[:60]}")
-            rows.append({"task": name, "kind": task.kind, "folder": str(task.folder), "what": what,
+            rows.append({"task": name, "kind": task.kind, "adapter": task.adapter, "folder": str(task.folder), "what": what,
                          "LoRA parameters": sum(p.numel() for p in lora), "head parameters": sum(p.numel() for p in head),
                          "MiB": sum(p.numel() * p.element_size() for p in lora + head) / 2**20})
         return rows
@@ -315,9 +326,9 @@ def _same_tokenizer(folders: dict[str, Path]) -> dict:
 
 
 def _attach(shared, name: str, folder: Path, manifest: dict):
-    """(shared PeftModel with the folder's active LoRA adapter added as `name`, the classifier's head
-    or None). The adapter's state dict is loaded with set_peft_model_state_dict, and every tensor
-    in the file must land: a LoRA weight, or the head."""
+    """(shared PeftModel with the folder's active LoRA adapter added as `name`, the folder's score layer
+    (a classifier's head, or every head of a multihead folder) or None). The adapter's state dict is
+    loaded with set_peft_model_state_dict, and every tensor in the file must land: a LoRA weight, or the head."""
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -327,7 +338,7 @@ def _attach(shared, name: str, folder: Path, manifest: dict):
     # the head is taken out of the file below and kept apart
     config.modules_to_save, config.task_type = None, "CAUSAL_LM"
     state = load_file(path / "adapter_model.safetensors", device=str(shared.device))
-    head = _pop_head(state, folder, manifest) if manifest["kind"] == "classifier" else None
+    head = _pop_head(state, folder, manifest) if manifest["kind"] in _HEADED_KINDS else None
     if isinstance(shared, PeftModel):
         shared.add_adapter(name, config)
     else:
@@ -341,31 +352,48 @@ def _attach(shared, name: str, folder: Path, manifest: dict):
 
 
 def _pop_head(state: dict[str, torch.Tensor], folder: Path, manifest: dict) -> torch.nn.Linear:
-    """The classifier's head (weight and bias, as peft saves modules_to_save), removed from `state`."""
-    head_name, labels = manifest["task"]["head"], manifest["task"]["labels"]
+    """The saved score layer (weight and bias, as peft saves modules_to_save), removed from `state`:
+    a classifier's head, or all heads of a multihead folder, one row per label."""
+    head_name, rows = manifest["task"]["head"], _score_rows(manifest)
     prefix = f"base_model.model.{head_name}."
     tensors = {key.removeprefix(prefix): state.pop(key) for key in list(state) if key.startswith(prefix)}
     if "weight" not in tensors or set(tensors) - {"weight", "bias"}:
         raise ValueError(f"{folder}: the adapter file holds {sorted(tensors) or 'no tensors'} for the head "
                          f"{head_name!r}, not its weight (and bias); save the classifier again")
     weight = tensors["weight"]
-    if weight.shape[0] != len(labels):
-        raise ValueError(f"{folder}: the head has {weight.shape[0]} outputs for {len(labels)} labels")
+    if weight.shape[0] != rows:
+        raise ValueError(f"{folder}: the head has {weight.shape[0]} outputs for {rows} labels; save the model again")
     recorded = {dtype for key, dtype in manifest["parameter_dtypes"].items() if f".{head_name}." in key}
-    dtype = getattr(torch, recorded.pop() if recorded else manifest["dtype"])
-    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in tensors, device=weight.device, dtype=dtype)
+    return _frozen_linear(weight, tensors.get("bias"), getattr(torch, recorded.pop() if recorded else manifest["dtype"]))
+
+
+def _frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.nn.Linear:
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
     with torch.no_grad():
         head.weight.copy_(weight)
-        if "bias" in tensors:
-            head.bias.copy_(tensors["bias"])
+        if bias is not None:
+            head.bias.copy_(bias)
     return head.requires_grad_(False)
+
+
+def _score_rows(manifest: dict) -> int:
+    """How many rows a folder's score layer has: one per label (of every head, for a multihead folder)."""
+    if manifest["kind"] == "multihead":
+        return multihead.heads_of(manifest["task"])[-1].rows[1]
+    return len(manifest["task"]["labels"])
+
+
+def _rows_of(score: torch.nn.Linear, rows: slice) -> torch.nn.Linear:
+    """A Linear of `score`'s rows `rows` alone: one head of a multihead score layer (a head's logits
+    only ever see its own rows, so this computes exactly those logits)."""
+    return _frozen_linear(score.weight[rows], None if score.bias is None else score.bias[rows], score.weight.dtype)
 
 
 def _renamed_dtypes(name: str, manifest: dict) -> dict[str, str]:
     """The manifest's parameter dtypes under the shared model's names: the saved adapter's name
-    replaced by the task's, a classifier's head left out (its dtype is the head's own)."""
+    replaced by the given one, the score layer left out (its dtype is the head's own)."""
     saved_name = manifest["weights"]["active"]
-    head = manifest["task"].get("head") if manifest["kind"] == "classifier" else None
+    head = manifest["task"].get("head") if manifest["kind"] in _HEADED_KINDS else None
     return {key.replace(f".{saved_name}.", f".{name}."): dtype for key, dtype in manifest["parameter_dtypes"].items()
             if not (head and f".{head}." in key)}
 
@@ -378,18 +406,25 @@ def _merge_dtypes(merged: dict[str, str], new: dict[str, str], folder: Path) -> 
     return {**merged, **new}
 
 
-def _task(shared, name: str, folder: Path, manifest: dict, tokenizer, head: torch.nn.Linear | None,
-          batch_size: int) -> Task:
-    """The Task object of one folder: its Classifier or Generator, running through TaskView."""
+def _tasks(shared, name: str, folder: Path, manifest: dict, tokenizer, head: torch.nn.Linear | None,
+           batch_size: int) -> list[Task]:
+    """The Task objects of one folder, each a Classifier or Generator running through TaskView on the
+    adapter `name`: one task, or one per head of a multihead folder ("NAME/<label field>")."""
     spec = manifest["task"]
+
+    def classifier(task_name: str, head: torch.nn.Linear, labels, label_field: str) -> Task:
+        clf = classify.Classifier(TaskView(shared, name, head, tokenizer.pad_token_id), tokenizer, list(labels),
+                                  base_model=manifest["base_model"]["name"], max_length=spec["max_length"],
+                                  label_field=label_field, text_fields=spec["text_fields"], batch_size=batch_size)
+        return Task(task_name, "classifier", folder, name, classifier=clf)
+
+    if manifest["kind"] == "multihead":
+        return [classifier(f"{name}/{h.label_field}", _rows_of(head, h.slice), h.labels, h.label_field)
+                for h in multihead.heads_of(spec)]
     if manifest["kind"] == "classifier":
-        view = TaskView(shared, name, head, tokenizer.pad_token_id)
-        clf = classify.Classifier(view, tokenizer, spec["labels"], base_model=manifest["base_model"]["name"],
-                                  max_length=spec["max_length"], label_field=spec["label_field"],
-                                  text_fields=spec["text_fields"], batch_size=batch_size)
-        return Task(name, "classifier", folder, name, classifier=clf)
+        return [classifier(name, head, spec["labels"], spec["label_field"])]
     gen = sft.Generator(TaskView(shared, name), tokenizer, system=spec["system"], decoding=spec["decoding"])
-    return Task(name, "generator", folder, name, generator=gen)
+    return [Task(name, "generator", folder, name, generator=gen)]
 
 
 def _common_decoding(tasks: list[Task], overrides: dict) -> dict:

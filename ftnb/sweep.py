@@ -145,12 +145,13 @@ def run_sweep(notebook: str | Path, preset: str | None, grid: dict[str, list], s
     sweep_dir = Path(sweep_dir or Path("runs") / "sweeps" / f"{notebook.stem}-{preset or 'default'}").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     todo = [c for c in combinations if _needs_run(sweep_dir / c.key)]
+    at_once = max(1, min(jobs, len(todo)))  # fewer runs than jobs: each run keeps a larger share of the cores
     print(f"sweep {sweep_dir}: {len(combinations)} combinations, {len(combinations) - len(todo)} done before, "
-          f"{len(todo)} to run, {jobs} at a time", file=log)
-    cores = _core_slots(jobs)
-    pool = ThreadPoolExecutor(max_workers=jobs)
+          f"{len(todo)} to run, {at_once} at a time", file=log)
+    cores = _core_slots(at_once)
+    pool = ThreadPoolExecutor(max_workers=at_once)
     try:
-        runs = [pool.submit(_run_one, notebook, c, sweep_dir, cores, cell_timeout, jobs == 1, log) for c in todo]
+        runs = [pool.submit(_run_one, notebook, c, sweep_dir, cores, cell_timeout, at_once == 1, log) for c in todo]
         for run in runs:
             run.result()  # a Ctrl-C in a run surfaces here and stops the sweep
     finally:

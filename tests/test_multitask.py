@@ -1,7 +1,8 @@
-"""ftnb.multitask: saved classifiers and generators on ONE base, each asked for by task name, compute what
-each folder computes alone (also in a fresh process), mixed batches equal per-row runs, and the guards.
-tiny-llama-test in NF4, trained a few steps as recipes 01 (WeightedTrainer, head in modules_to_save) and
-02 (TRL's SFTTrainer, which stores QLoRA adapters in bf16) train theirs.
+"""ftnb.multitask: saved classifiers, generators and a multihead classifier (one adapter, two heads) on ONE
+base, each asked for by task name, compute what each folder computes alone (also in a fresh process), mixed
+batches equal per-row runs, and the guards; the server serves each head of a multihead folder.
+tiny-llama-test in NF4, trained a few steps as recipes 01 (WeightedTrainer, head in modules_to_save),
+02 (TRL's SFTTrainer, which stores QLoRA adapters in bf16) and 06 (MultiHeadTrainer) train theirs.
 
 Worth its ~30 s: it is the only check that a classifier's LoRA and head, moved from a
 sequence-classification model onto a causal LM, still compute the saved classifier."""
@@ -24,7 +25,8 @@ from trl import SFTConfig, SFTTrainer
 from ftnb import saved
 from ftnb.models import load_model, load_tokenizer
 from ftnb.multitask import MultiTaskModel, TaskView, UnknownTaskError
-from ftnb.tasks import classify, sft
+from ftnb.serve import load_models
+from ftnb.tasks import classify, multihead, sft
 
 BASE = "tiny-llama-test"
 TICKETS = [
@@ -65,6 +67,18 @@ def train_classifier(folder: Path, label_field: str) -> Path:
     return classify.Classifier(model, tok, labels, base_model=BASE, max_length=32, label_field=label_field).save(folder)
 
 
+def train_multihead(folder: Path) -> Path:
+    """Recipe 06's shared adapter: NF4 seq-cls model, one LoRA adapter, a category and a priority head."""
+    tok, heads = load_tokenizer(BASE), multihead.build_heads(LABELS)
+    model = load_model(BASE, task="seq-cls", quantization="nf4", tokenizer=tok, **multihead.model_labels(heads))
+    model = get_peft_model(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["score"]))
+    data = multihead.tokenize_split(Dataset.from_list(TICKETS), tok, heads, max_length=32)
+    multihead.MultiHeadTrainer(model=model, args=TrainingArguments(**_args(folder)), train_dataset=data, heads=heads,
+                               data_collator=DataCollatorWithPadding(tok)).train()
+    return multihead.MultiHeadClassifier(model, tok, heads, base_model=BASE, max_length=32).save(folder)
+
+
 def train_generator(folder: Path, domain: str) -> Path:
     """Recipe 02's path: NF4 causal LM, LoRA, TRL's SFTTrainer on the domain's prompt/completion rows."""
     tok = load_tokenizer(BASE)
@@ -81,6 +95,7 @@ def folders(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("multitask")
     out = {name: train_classifier(root / name, name) for name in ("category", "priority")}
     out.update({domain: train_generator(root / domain, domain) for domain in ("legal", "medical")})
+    out["both"] = train_multihead(root / "both")
     return {name: str(folder) for name, folder in out.items()}
 
 
@@ -89,11 +104,13 @@ def mt(folders) -> MultiTaskModel:
     return MultiTaskModel.from_folders(folders)
 
 
-def outputs(model_for) -> dict:
-    """Classifier probabilities, first-answer-token logits and greedy answers of each task."""
+def outputs(model_for, head_probabilities) -> dict:
+    """Classifier probabilities, first-answer-token logits and greedy answers of each task, and the
+    probabilities of each head of the multihead folder ("both/category", "both/priority")."""
     out = {}
     for name in ("category", "priority"):
         out[name] = model_for(name).probabilities(TICKETS).tolist()
+        out[f"both/{name}"] = head_probabilities(name).tolist()
     for name in ("legal", "medical"):
         gen = model_for(name)
         rows = [r for r in ROWS if r["domain"] == name]
@@ -105,7 +122,8 @@ def outputs(model_for) -> dict:
 def shared_outputs(folders: dict[str, str]) -> dict:
     """outputs() of every task on one base (run in a fresh process by the test)."""
     mt = MultiTaskModel.from_folders(folders)
-    return outputs(lambda name: mt.task(name).classifier or mt.task(name).generator)
+    return outputs(lambda name: mt.task(name).classifier or mt.task(name).generator,
+                   lambda field: mt.probabilities(f"both/{field}", TICKETS))
 
 
 def test_tasks_on_one_base_compute_what_each_folder_computes_alone_in_a_fresh_process(folders):
@@ -114,14 +132,17 @@ def test_tasks_on_one_base_compute_what_each_folder_computes_alone_in_a_fresh_pr
     done = subprocess.run([sys.executable, "-c", code, json.dumps(folders)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     shared = json.loads(done.stdout.strip().splitlines()[-1])
-    alone = outputs(lambda name: saved.load(folders[name]))
-    for name in ("category", "priority"):
+    both_alone = saved.load(folders["both"])
+    assert isinstance(both_alone, multihead.MultiHeadClassifier)
+    alone = outputs(lambda name: saved.load(folders[name]), lambda field: both_alone.probabilities(TICKETS)[field])
+    for name in ("category", "priority", "both/category", "both/priority"):
         assert np.abs(np.array(shared[name]) - np.array(alone[name])).max() <= TOLERANCE, name
     for name in ("legal", "medical"):
         assert np.abs(np.array(shared[name]["logits"]) - np.array(alone[name]["logits"])).max() <= TOLERANCE, name
         assert shared[name]["answers"] == alone[name]["answers"], name
     # the adapters differ from each other and from the base: equal outputs are not equal by accident
     assert np.abs(np.array(alone["legal"]["logits"][0]) - np.array(alone["medical"]["logits"][0])).max() > 1e-3
+    assert np.abs(np.array(alone["both/category"]) - np.array(alone["category"])).max() > 1e-3
 
 
 def test_every_tensor_of_an_adapter_file_is_loaded(mt, folders):
@@ -130,7 +151,7 @@ def test_every_tensor_of_an_adapter_file_is_loaded(mt, folders):
     for name, folder in folders.items():
         in_file = load_file(Path(folder) / "adapter_model.safetensors")
         loaded = [n for n, _ in mt.shared.named_parameters() if f".{name}." in n]
-        head = 1 if name in ("category", "priority") else 0  # the head's weight, kept apart as the task's head
+        head = 0 if name in ("legal", "medical") else 1  # the score layer's weight, kept apart as the head(s)
         assert len(loaded) + head == len(in_file), name
     assert mt.task("priority").head.out_features == len(LABELS["priority"])
 
@@ -201,3 +222,28 @@ def test_a_batch_never_mixes_adapters_stored_in_different_dtypes(folders, tmp_pa
     assert both.next_token_logits("plain", ROWS[:1]).shape[0] == 1  # each alone is fine
     with pytest.raises(ValueError, match="different dtypes"):
         both.next_token_logits(["legal", "plain"], ROWS[:2])
+
+
+def test_each_head_of_a_multihead_folder_is_a_task_on_its_one_adapter(mt, folders):
+    heads = {name: task for name, task in mt.tasks.items() if task.folder == Path(folders["both"])}
+    assert list(heads) == ["both/category", "both/priority"]
+    assert {task.adapter for task in heads.values()} == {"both"} and "both" in mt.shared.peft_config
+    assert [task.head.out_features for task in heads.values()] == [len(LABELS["category"]), len(LABELS["priority"])]
+    assert {row["adapter"] for row in mt.summary() if row["task"].startswith("both/")} == {"both"}
+    with pytest.raises(UnknownTaskError, match="both/category"):
+        mt.classify("both", TICKETS[:1])
+    names = ["both/priority", "category", "both/category"] * 2  # one batch: heads of one adapter and another adapter
+    mixed = mt.predict_proba_mixed(names, TICKETS)
+    for i, (name, probs) in enumerate(zip(names, mixed)):
+        alone = mt.predict_proba(name, [TICKETS[i]])[0]
+        assert max(abs(p - alone[label]) for label, p in probs.items()) <= TOLERANCE, name
+
+
+def test_the_server_serves_each_head_of_a_multihead_folder_as_a_classifier(folders):
+    served = load_models([f"tickets={folders['both']}"])
+    assert set(served) == {"tickets/category", "tickets/priority"}
+    alone = saved.load(folders["both"])
+    for field in LABELS:
+        got = served[f"tickets/{field}"].classifier.predict_proba(TICKETS)
+        want = alone.predict_proba(TICKETS, field)
+        assert max(abs(g[label] - w[label]) for g, w in zip(got, want) for label in w) <= TOLERANCE, field

@@ -16,7 +16,8 @@ folder saved by ftnb (ftnb_model.json). Generator adapters whose manifests name 
 loaded the same way, share ONE base model with each adapter attached under its own name, as
 vLLM's `--lora-modules name=path` does; the bare base is served too, under the base's name. A
 batch mixes adapters through peft's `adapter_names` (each row its own adapter). Merged
-generators and classifiers are loaded on their own. The request's `model` picks one; an unknown
+generators and classifiers are loaded on their own; a multi-head classifier folder NAME=FOLDER is served as one
+classify model per head, `NAME/<label field>`. The request's `model` picks one; an unknown
 name is a 404 that lists the served names, never a silent fallback to the base.
 
 Decoding. A generator answers as `ftnb.saved.load(folder).generate(...)` does: with the system

@@ -1,6 +1,10 @@
 """What a server serves: saved-model folders loaded once, generator adapters on a shared base.
+A multihead folder (one adapter, several classification heads; `MultiHeadClassifier.save`) served
+as NAME is one classify model per head, "NAME/<label field>" (as ftnb.multitask names them), all on
+one base with the folder's one adapter.
 
 Usage: served = load_models(["runs/x/adapter", "legal=runs/y/adapter"]); served["legal"].prompt_ids(messages)
+       load_models(["tickets=runs/06/category_priority"])["tickets/priority"].classifier.predict_proba(["..."])
 """
 from __future__ import annotations
 
@@ -81,6 +85,8 @@ def load_models(specs: list[str]) -> dict[str, Served]:
     for name, manifest in manifests.items():
         if manifest["kind"] == "classifier":
             served[name] = ServedClassifier(name, saved.load(folders[name]))
+        elif manifest["kind"] == "multihead":
+            served.update(_head_classifiers(name, folders[name]))
         elif manifest["weights"]["format"] == "merged":
             gen = saved.load(folders[name])
             engine = Engine(gen.model, gen.tokenizer, mixes_adapters=False)
@@ -94,6 +100,16 @@ def load_models(specs: list[str]) -> dict[str, Served]:
                                  f"name the folders otherwise, NAME=FOLDER")
             served[model.name] = model
     return served
+
+
+def _head_classifiers(name: str, folder: Path) -> dict[str, ServedClassifier]:
+    """Each head of a multihead folder as its own classify model, "NAME/<label field>", on one base
+    with the folder's adapter, through ftnb.multitask (each head gives the folder's own probabilities)."""
+    from ftnb.multitask import MultiTaskModel
+
+    heads = MultiTaskModel.from_folders({"heads": folder}).tasks.values()  # peft names may not hold NAME's dots
+    served = {f"{name}/{task.classifier.label_field}": task.classifier for task in heads}
+    return {served_name: ServedClassifier(served_name, classifier) for served_name, classifier in served.items()}
 
 
 def _load_adapter_group(names: list[str], folders: dict[str, Path],
