@@ -3,16 +3,18 @@ kernel is killed with SIGKILL in the second epoch (as a lost Colab runtime or th
 killer would), `python -m ftnb run 01 --resume RUN_DIR` continues it from its last checkpoint, and
 the result is compared with a run that was never interrupted: the logged training losses, the
 evaluations, the final adapter, head and optimizer state, and the saved classifier.
-Each case is three runs of the notebook at a tiny size; the uninterrupted run goes on beside the
-killed and resumed ones, each run on a core of its own where the OS allows (one torch thread in all
-three, so fp32 must still agree bit for bit).
+Each case is three runs of the notebook at a tiny size; the runs of both cases go two at a time, each
+on a core of its own where the OS allows (one torch thread in every run, so fp32 must still agree bit
+for bit).
 Without ftnb.resume.data_order_callback the resumed losses differ from the first logged step after the
 resume on (by 0.24 in fp32 here): the Trainer alone does not restore how the resumed epoch was shuffled.
 The runner's own checks of --resume (what it refuses, what it keeps) use a toy notebook."""
 import json
 import os
+import queue
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
@@ -86,21 +88,56 @@ def _largest_difference(a: dict, b: dict) -> float:
     return max(numbers)
 
 
-@pytest.mark.parametrize("case, params, tolerance", [
+# how exactly a resumed run must equal an uninterrupted one, by case
+CASES = {
     # fp32 on a CPU: every operation repeats bit for bit, so the resumed run must too
-    ("fp32", {"quantization": "none", "optim": "adamw_torch"}, 0.0),
+    "fp32": ({"quantization": "none", "optim": "adamw_torch"}, 0.0),
     # NF4 base and bitsandbytes' paged 8-bit AdamW (state quantized blockwise): measured exactly 0 too on
     # the 2-core machine; 1e-6 leaves room for bitsandbytes' CPU kernels summing in another order elsewhere
-    ("nf4 + 8-bit optimizer", {"quantization": "nf4", "optim": "paged_adamw_8bit"}, 1e-6),
-])
-def test_a_killed_run_resumes_to_the_result_of_an_uninterrupted_one(case, params, tolerance, tmp_path):
-    params = {**TINY, **params}
-    reference, out = tmp_path / "reference", tmp_path / "killed"
-    uninterrupted = _start(reference, params, "--preset", "smoke", "--output-dir", str(reference), core=CORES[0])
+    "nf4 + 8-bit optimizer": ({"quantization": "nf4", "optim": "paged_adamw_8bit"}, 1e-6),
+}
+
+
+def _uninterrupted(out: Path, params: dict, core: int | None) -> Path:
+    _finish(_start(out, params, "--preset", "smoke", "--output-dir", str(out), core=core), out)
+    return out
+
+
+def _killed_and_resumed(out: Path, params: dict, core: int | None) -> tuple[Path, int]:
+    """The run killed after KILL_AFTER_STEP, then resumed: its folder and the step it resumed from."""
     start = ("--preset", "smoke", "--output-dir", str(out))
-    left = _kill_kernel_after_checkpoint(_start(out, params, *start, core=CORES[-1]), out, KILL_AFTER_STEP)
-    _finish(_start(out, {}, "--resume", str(out), core=CORES[-1]), out)
-    _finish(uninterrupted, reference)
+    left = _kill_kernel_after_checkpoint(_start(out, params, *start, core=core), out, KILL_AFTER_STEP)
+    _finish(_start(out, {}, "--resume", str(out), core=core), out)
+    return out, left
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Every case's (killed-and-resumed, uninterrupted) runs as futures, two at a time, each on a core of
+    its own: all four keep both cores busy, where one case alone would leave a core idle for a third of it."""
+    root = tmp_path_factory.mktemp("resume")
+    free_cores: queue.Queue = queue.Queue()
+    for core in (CORES[0], CORES[-1]):
+        free_cores.put(core)
+
+    def on_a_free_core(job, out: Path, params: dict):
+        core = free_cores.get()
+        try:
+            return job(out, params, core)
+        finally:
+            free_cores.put(core)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # submitted in this order, the two cores finish together
+        yield {case: (pool.submit(on_a_free_core, _killed_and_resumed, root / f"case{i}-killed", {**TINY, **params}),
+                      pool.submit(on_a_free_core, _uninterrupted, root / f"case{i}-reference", {**TINY, **params}))
+               for i, (case, (params, _)) in enumerate(CASES.items())}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_killed_run_resumes_to_the_result_of_an_uninterrupted_one(case, runs):
+    killed, uninterrupted = runs[case]
+    out, left = killed.result()
+    reference = uninterrupted.result()
 
     record = runner.read_run_record(out)
     assert record["status"] == "ok" and record["parameters"]["resume"] is True
@@ -108,7 +145,7 @@ def test_a_killed_run_resumes_to_the_result_of_an_uninterrupted_one(case, params
     executed = (out / f"{NOTEBOOK}.ipynb").read_text()
     assert f"resuming from {out / 'checkpoints' / f'checkpoint-{left}'}" in executed
     difference = _largest_difference(_final_state(reference), _final_state(out))
-    assert difference <= tolerance, f"{case}: resumed run differs by {difference}"
+    assert difference <= CASES[case][1], f"{case}: resumed run differs by {difference}"
 
 
 # ---------------------------------------------------------------- the runner's --resume, on a toy notebook

@@ -78,7 +78,7 @@ def _expected_score(learning_rate: float, lora_r: int, seed: int) -> float:
 
 
 def test_sweep_goes_past_a_failure_records_it_and_a_rerun_fills_in_only_what_failed(tmp_path):
-    """Two runs at a time first, then one at a time: each way, every row holds its own run's numbers."""
+    """Two runs at a time (the command-line test below runs one at a time): every row holds its own run's numbers."""
     (tmp_path / "fail").touch()  # runs at learning rate 0.9 fail while this file exists
     table = _sweep(tmp_path, "sweep", jobs=2)
     assert len(_executions(tmp_path)) == 8 and len(table) == 8
@@ -97,10 +97,10 @@ def test_sweep_goes_past_a_failure_records_it_and_a_rerun_fills_in_only_what_fai
         [_expected_score(0.1, r, s) for r in (4, 16) for s in (0, 1)])
 
     (tmp_path / "fail").unlink()
-    again = _sweep(tmp_path, "sweep", jobs=1)
+    again = _sweep(tmp_path, "sweep", jobs=2)
     assert sorted(_executions(tmp_path)[8:]) == sorted(f"0.9 {r} {s}" for r in (4, 16) for s in (0, 1))
     assert set(again["status"]) == {"ok"} and again["run"].tolist() == table["run"].tolist()
-    assert again["validation_macro_f1"].tolist() == pytest.approx(  # rows run two at a time and one at a time
+    assert again["validation_macro_f1"].tolist() == pytest.approx(
         [_expected_score(lr, r, s) for lr in (0.1, 0.9) for r in (4, 16) for s in (0, 1)])
     attempts = sorted(p.name for p in (tmp_path / "sweep" / "attempts").iterdir())
     assert len(attempts) == 4 and all(name.endswith(".1") for name in attempts)  # kept, not deleted
@@ -117,7 +117,9 @@ def test_command_line_sweep_reports_failures_in_its_exit_code(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "learning rate 0.9 diverged" in done.stdout
-    assert len(pd.read_csv(tmp_path / "cli" / "results.csv")) == 2
+    table = pd.read_csv(tmp_path / "cli" / "results.csv")
+    assert table["status"].tolist() == ["ok", "failed"]
+    assert table["validation_macro_f1"][0] == pytest.approx(_expected_score(0.1, 4, 0))  # the stub's defaults
     bad = subprocess.run([*command, "--grid", "lora_rank=4"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "lora_rank" in bad.stderr
 
