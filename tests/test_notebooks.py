@@ -157,7 +157,10 @@ def _multitask(m: dict) -> None:
     generators = [task for task, row in same.items() if "max_logit_diff" in row]
     assert len(generators) >= 2 and all(same[t]["max_logit_diff"] <= 1e-5 for t in generators)
     assert max(m["fresh_process_max_diff"].values()) <= 1e-5  # a new process loading the folders by task name
-    assert 0 < m["memory"]["shared_mib"] < m["memory"]["separate_mib"]
+    # the smoke runs a 2-layer test model whose resident-memory deltas are allocator noise; the bytes of weights
+    # held are not: one base for every task against one base per task
+    weights = m["memory"]["weights_mib"]
+    assert 0 < weights["one base"] < weights["separate"] / (m["memory"]["tasks"] - 1)
     equality = m["mixed_equality"]  # one batch, one adapter per row == each row with its own task
     assert equality["generation_max_logit_diff"] <= 1e-5 and equality["classification_max_probability_diff"] <= 1e-5
     assert all(r["tokens_per_s"] > 0 and r["tickets_per_s"] > 0 for r in m["mixed_speed"])
