@@ -228,9 +228,12 @@ class TransformersEngine:
         """Summed log-probability of each target's ids following its prompt (teacher forcing)."""
         ids, mask = left_pad([[*p, *t] for p, t in zip(prompts, targets, strict=True)], self.tokenizer.pad_token_id,
                              self.model.device)
-        logprobs = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        token_logprobs = logprobs.gather(-1, ids[:, 1:, None])[..., 0]
-        # left padding: every target ends at the last position, so its log-probabilities are the row's last ones
+        # left padding: every target ends at the last position, so only the last positions' logits are needed;
+        # the prompts' batch x length x vocabulary logits are never computed
+        keep = max(len(t) for t in targets) + 1
+        logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[:, :-1]
+        logprobs = torch.log_softmax(logits.float(), -1)
+        token_logprobs = logprobs.gather(-1, ids[:, ids.shape[1] - keep + 1:, None])[..., 0]
         return [float(row[len(row) - len(t):].sum()) for row, t in zip(token_logprobs, targets)]
 
 

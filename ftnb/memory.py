@@ -2,12 +2,15 @@
 causal-LM loss computed in chunks, which never holds the full-vocabulary logits.
 
 Usage:
-    from ftnb.memory import probe, PROBES, footprint, MemoryCallback, chunked_causal_lm_loss
+    from ftnb.memory import probe, PROBES, footprint, MemoryCallback, chunked_causal_lm_loss, release_memory
     with probe("load nf4"):
         model = load_model("smollm2-135m-instruct", quantization="nf4")
     print(footprint(model))
     trainer = Trainer(..., callbacks=[MemoryCallback()])
     PROBES              # every probe so far; renders as a table in a notebook
+    PROBES.highest()    # the probe with the highest peak
+    del model, trainer
+    release_memory()    # hand what they held back to the operating system
 
 A probe records wall time and, for the code inside it, the peak and the net change of
   * process RSS on the CPU (Linux: the kernel's high-water mark VmHWM, reset through
@@ -19,6 +22,8 @@ peak still covers everything that happened inside its children.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import threading
 import time
@@ -147,6 +152,14 @@ class ProbeTable(list):
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.as_dicts(), indent=2))
 
+    def highest(self) -> ProbeRecord | None:
+        """The probe with the highest peak: accelerator memory where there is one, else process RSS.
+        Enclosing probes cover their children, so this is the peak of every probed section.
+
+        Usage: top = PROBES.highest(); print(top.label, top.rss_peak_mib)
+        """
+        return max(self, key=lambda r: (r.accel_peak_allocated_mib or 0, r.rss_peak_mib), default=None)
+
     def _repr_html_(self) -> str:
         return self.to_frame().to_html(index=False)
 
@@ -189,6 +202,32 @@ def reset_peak() -> None:
 def current_peak_mib() -> dict[str, float]:
     """Peak memory since the last reset: {'rss': ..., 'accelerator': ...} in MiB."""
     return {"rss": _rss_peak() / MIB, "accelerator": _accel_peak()[0] / MIB}
+
+
+def _libc_malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl, Windows)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)  # the symbols the process already has
+    except (OSError, TypeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_memory() -> None:
+    """Give the memory of objects already deleted back to the operating system: collect reference
+    cycles, then return the C heap's free pages (glibc's malloc_trim) and the CUDA cache. Without
+    the trim, a freed model's many small and mid-sized tensors stay in the heap as free but resident
+    pages, and the next model loads on top of them.
+
+    Usage: del model; release_memory()
+    """
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+    if _device() == "cuda":
+        torch.cuda.empty_cache()
 
 
 @contextmanager

@@ -153,8 +153,8 @@ def _reference_label_logliks(lm, tok, prompt: list[int], labels: list[str]) -> l
 def test_zero_shot_matches_a_plain_full_sequence_computation():
     """The cached, batched scoring (prefix cache reused across batches, left padding, one pass per
     label on a cache cut back after it) equals scoring every text + label on its own, within float
-    round-off. Labels of 1 to 3 tokens plus the end token; texts from empty to dozens of tokens; a last batch
-    shorter than the others. Checked by hand: a position, target, mask or cache cut off by one
+    round-off, whether a label's log-likelihood is summed or averaged per token. Labels of 1 to 3
+    tokens plus the end token; texts from empty to dozens of tokens; a last batch shorter than the others. Checked by hand: a position, target, mask or cache cut off by one
     moves some score by 0.01 to 0.28; the computation itself agrees to 1e-7."""
     tok = load_tokenizer("tiny-llama-test")
     lm = load_model("tiny-llama-test", dtype=torch.float32, tokenizer=tok)
@@ -176,9 +176,17 @@ def test_zero_shot_matches_a_plain_full_sequence_computation():
     prefix, suffix = classify.zero_shot_prompt(tok, LABELS, defs, template)
     ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompts = [ids(prefix) + ids(text + suffix) for text in texts]
-    expected = np.array([torch.softmax(torch.tensor(_reference_label_logliks(lm, tok, prompt, LABELS)), -1).numpy()
-                         for prompt in prompts])
-    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-5)
+    reference = torch.tensor([_reference_label_logliks(lm, tok, prompt, LABELS) for prompt in prompts])
+    np.testing.assert_allclose(scores, torch.softmax(reference, -1).numpy(), rtol=0, atol=1e-5)
+    # "mean": each label's log-likelihood divided by its token count (label tokens + end token)
+    counts = torch.tensor([len(tok(label, add_special_tokens=False)["input_ids"]) + 1 for label in LABELS])
+    logliks = classify.zero_shot_logliks(lm, tok, texts, LABELS, defs, batch_size=2, template=template)
+    np.testing.assert_allclose(logliks, reference.numpy(), rtol=0, atol=1e-4)
+    mean = classify.zero_shot_probabilities(logliks, classify.zero_shot_label_lengths(tok, LABELS), "mean")
+    np.testing.assert_allclose(mean, torch.softmax(reference / counts, -1).numpy(), rtol=0, atol=1e-5)
+    assert np.abs(mean - scores).max() > 1e-3, "labels of 1 to 3 tokens: the two normalisations must differ"
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        classify.zero_shot_probabilities(logliks, counts.tolist(), "max")
 
 
 def test_zero_shot_wording_comes_from_the_data_folder(tmp_path):

@@ -6,7 +6,7 @@ from contextlib import ExitStack, contextmanager
 import pytest
 import torch
 
-from ftnb.memory import MIB, ProbeTable, footprint, probe
+from ftnb.memory import MIB, ProbeTable, _rss, footprint, probe, release_memory
 from ftnb.models import load_model
 
 SIZE_MIB = 256
@@ -35,6 +35,30 @@ def test_probe_measures_a_known_allocation_within_10_percent():
     assert rec.rss_peak_delta_mib == pytest.approx(SIZE_MIB, rel=0.10)
     assert abs(rec.rss_end_delta_mib) < 0.10 * SIZE_MIB  # freed again
     assert rec.seconds >= 0.05
+
+
+def test_release_memory_hands_freed_heap_pages_back():
+    # many 16 KiB tensors come from the C heap, not from mappings of their own; one allocated after them keeps
+    # the top of the heap in use, so glibc cannot shrink the heap by itself and the freed pages stay resident
+    blocks = [torch.ones(4096) for _ in range(16_000)]  # 250 MiB, every page written
+    top = torch.ones(4096)
+    del blocks
+    freed = _rss()
+    release_memory()
+    assert (freed - _rss()) / MIB > 0.5 * 250, "the freed tensors' pages are still resident"
+    assert top.sum() == 4096  # still alive, and still valid
+
+
+def test_highest_is_the_probe_with_the_highest_peak():
+    table = ProbeTable()
+    with probe("small", table):
+        pass
+    with probe("large", table):
+        with _resident(SIZE_MIB):
+            pass
+    with probe("after", table):
+        pass
+    assert table.highest().label == "large" and ProbeTable().highest() is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -39,6 +39,21 @@ def _tickets(m: dict) -> None:
     summary = m["summary"]  # one row of a sweep's table (ftnb.sweep); chosen on validation
     assert 0 <= summary["validation_macro_f1"] <= 1 and summary["adapter_mib"] > 0 and summary["tokens_per_second"] > 0
     assert summary["test_macro_f1_low"] <= summary["test_macro_f1"] <= summary["test_macro_f1_high"]
+    ood = m["ood"]  # every method scored again on the out-of-distribution tickets, the headline pair paired
+    assert set(ood["methods"]) == set(m["methods"]) and ood["n"] > 0
+    assert all(r["macro_f1_low"] <= r["macro_f1"] <= r["macro_f1_high"] and 0 <= r["accuracy"] <= 1
+               for r in ood["methods"].values())
+    assert {r["n_ood"] for name, r in ood["methods"].items() if not name.startswith("zero-shot")} == {ood["n"]}
+    ood_mcnemar = ood["qlora_vs_tfidf"]["mcnemar"]
+    assert sum(ood_mcnemar[k] for k in ("only_a_right", "only_b_right", "both_right", "both_wrong")) == ood["n"]
+    ood_difference = ood["qlora_vs_tfidf"]["macro_f1_difference"]
+    assert ood_difference["low"] <= ood_difference["estimate"] <= ood_difference["high"]
+    tfidf = m["tfidf_C"]  # chosen on validation, from a grid that reaches past 1 on both sides
+    assert tfidf["best"] in tfidf["grid"] and min(tfidf["grid"]) < 1 < max(tfidf["grid"])
+    zero_shot = m["zero_shot"]  # sum or mean per label token: the better on validation
+    assert set(zero_shot["validation_macro_f1"]) == {"sum", "mean"}
+    assert zero_shot["normalize"] == max(zero_shot["validation_macro_f1"], key=zero_shot["validation_macro_f1"].get)
+    assert sum(r["kept"] for r in m["minilm_epochs"]) == 1  # early stopping restored one epoch
 
 
 def _domains(m: dict) -> None:
@@ -51,6 +66,17 @@ def _domains(m: dict) -> None:
         assert intervals["all"]["estimate"] == m[f"format_adherence_{stage}"]
         assert all(0 <= ci["low"] <= ci["estimate"] <= ci["high"] <= 1 for ci in intervals.values())
     assert 0 < m["format_adherence_tuned_vs_base"]["p_value"] <= 1
+    for stage in ("base", "tuned"):  # perplexity intervals on the test split
+        assert m[stage]["all"]["perplexity_low"] <= m[stage]["all"]["perplexity"] <= m[stage]["all"]["perplexity_high"]
+    ood = m["ood"]  # the out-of-distribution set, base and tuned, with intervals and the paired test
+    assert ood["rows"] == len(m["domains"]) and ood["goal"]["holds"] in (True, False)
+    for stage in ("base", "tuned"):
+        assert set(ood["format_adherence_intervals"][stage]) == {*m["house_format_domains"], "all"}
+        assert all(0 <= ci["low"] <= ci["estimate"] <= ci["high"] <= 1 for ci in ood["format_adherence_intervals"][stage].values())
+        assert ood[stage]["all"]["perplexity_low"] <= ood[stage]["all"]["perplexity"] <= ood[stage]["all"]["perplexity_high"]
+    assert 0 < ood["format_adherence_tuned_vs_base"]["p_value"] <= 1
+    assert m["packing"]["real_tokens"] <= m["packing"]["plain_padded_tokens"] and m["adapter_mb"] > 0
+    assert m["peak_rss_mib"] > 0  # recorded by the probes (the cpu preset's is the one the README quotes)
 
 
 def _quantization(m: dict) -> None:

@@ -60,6 +60,14 @@ def _per_domain_test_rows(p: dict) -> int:
     return min(counts.values())
 
 
+def _per_domain_ood_rows(p: dict) -> int:
+    """Out-of-distribution rows of the smallest domain trained on (02's ood_rows, per domain); 0 when skipped."""
+    if not p["ood_dir"]:
+        return 0
+    domains = {r["domain"] for r in _domain_rows(p, "train")}
+    return min(n for domain, n in _per_domain(_rows(p["ood_dir"], "test")).items() if domain in domains)
+
+
 def _tickets(p: dict, split: str) -> int:
     return len(_rows(p["data_dir"], split))
 
@@ -71,12 +79,14 @@ ROW_LIMITS = {
         "train_limit": (lambda p: _tickets(p, "train"), True),
         "eval_limit": (lambda p: min(_tickets(p, "validation"), _tickets(p, "test")), True),  # both splits
         "zero_shot_limit": (lambda p: p["eval_limit"] or _tickets(p, "test"), True),  # within the test subset
+        "ood_limit": (lambda p: _tickets({"data_dir": p["ood_dir"]}, "test") if p["ood_dir"] else 0, True),
     },
     "02_domain_generation": {
         "train_limit": (lambda p: len(_domain_rows(p, "train")), True),
         "eval_limit": (lambda p: len(_domain_rows(p, "validation")), True),
         "test_limit": (lambda p: len(_domain_rows(p, "test")), True),
         "gen_limit": (_per_domain_test_rows, False),  # per domain, sliced from the test subset
+        "ood_limit": (_per_domain_ood_rows, True),  # per domain
     },
     "03_quantization": {
         "eval_rows": (lambda p: len(_rows("domains", "validation")), False),

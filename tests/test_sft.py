@@ -207,6 +207,22 @@ def test_perplexity_counts_response_tokens_only(tiny_model_path, tok):
     assert result["loss"] == pytest.approx(pooled, rel=1e-4)  # padding does not change the loss
 
 
+def test_response_nll_is_the_loss_of_the_plain_full_logits(tiny_model_path, tok):
+    """Left-padded batches that keep logits at the answer positions only give, row by row, the
+    loss of one unpadded sequence scored with every logit, also where max_length cuts an answer."""
+    model = load_model(tiny_model_path, dtype=torch.float32).eval()
+    split = [sft.prompt_and_response_ids(tok, r) for r in ROWS]
+    for max_length in (384, min(len(prompt) for prompt, _ in split) + 5):
+        for (prompt, response), got in zip(split, sft.response_nll(model, tok, ROWS, max_length, batch_size=3)):
+            ids = (prompt + response)[:max_length]
+            trained = max(0, len(ids) - len(prompt))
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0]
+            expected = float(torch.nn.functional.cross_entropy(logits[len(ids) - trained - 1:-1], torch.tensor(
+                ids[len(ids) - trained:]), reduction="sum")) if trained else 0.0
+            assert got["tokens"] == trained and got["nll"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
 def test_perplexity_intervals_resample_rows_and_pair_the_models(tiny_model_path, tok):
     """The interval's estimate is `perplexity`'s pooled value; a model against itself differs by
     exactly 0; against another model the paired difference has the sign and size of the gap."""
@@ -246,6 +262,34 @@ def test_evaluate_reports_adherence_only_where_a_format_exists(tiny_model_path, 
     assert no_format["format_adherence"].isna().all() and no_rules.empty
     assert no_format[["perplexity", "rougeL"]].notna().all().all()  # the other metrics still run
     assert len(outputs) == len(ROWS)
+
+
+def test_evaluate_split_keeps_passes_and_intervals(tiny_model_path, tok):
+    """Every answer's pass or fail per domain with a format (for Wilson intervals and McNemar), and a
+    perplexity interval per group, none for a single row."""
+    assert sft.adherence_passes([LEGAL, "no format"], ROWS[:2], HOUSE) == {"legal": [True], "medical": [False],
+                                                                           "all": [True, False]}
+    assert sft.adherence_passes([LEGAL], ROWS[:1], {}) == {}
+    model = load_model(tiny_model_path, dtype=torch.float32)
+    result = sft.evaluate_split(model, tok, ROWS, ROWS, max_new_tokens=4, formats={"legal": HOUSE["legal"]})
+    assert set(result.passes) == {"legal", "all"} and len(result.nll) == len(ROWS) == len(result.outputs)
+    assert result.adherence_intervals()["all"].estimate == result.table.loc["all", "format_adherence"]
+    pooled = result.table.loc["all"]
+    assert pooled["perplexity_low"] < pooled["perplexity"] < pooled["perplexity_high"]
+    assert math.isnan(result.table.loc["legal", "perplexity_low"])  # one row: no interval
+
+
+def test_packing_summary_counts_examples_and_padding():
+    """Examples per packed row, and tokens computed padding-free against plain batches padded to their longest."""
+    rows = [{"input_ids": [0] * 10, "seq_lengths": [6, 4]}, {"input_ids": [0] * 8, "seq_lengths": [8]},
+            {"input_ids": [0] * 3}]  # an unpacked row counts as one example
+    one_batch = sft.packing_summary(rows, batch_size=4)
+    assert (one_batch["examples"], one_batch["packed_rows"], one_batch["max_examples_per_row"]) == (4, 3, 2)
+    assert one_batch["examples_per_row"] == pytest.approx(4 / 3) and one_batch["rows_with_one_example"] == pytest.approx(2 / 3)
+    assert (one_batch["real_tokens"], one_batch["plain_padded_tokens"]) == (21, 32)  # 4 examples padded to 8
+    assert one_batch["padding_share_plain"] == pytest.approx(11 / 32)
+    single = sft.packing_summary(rows, batch_size=1)
+    assert (single["plain_padded_tokens"], single["steps_plain"], single["steps_packed"]) == (21, 4, 3)
 
 
 @pytest.fixture(scope="module")

@@ -292,15 +292,62 @@ def zero_shot_prompt(tokenizer, labels: Sequence[str], definitions: dict[str, st
     return prefix, suffix
 
 
-@torch.no_grad()
+ZERO_SHOT_NORMALIZATIONS = ("sum", "mean")
+
+
 def zero_shot_scores(model, tokenizer, texts: list[str], labels: list[str], definitions: dict[str, str],
-                     batch_size: int = 8, template: str = ZERO_SHOT_TEMPLATE) -> np.ndarray:
+                     batch_size: int = 8, template: str = ZERO_SHOT_TEMPLATE, normalize: str = "sum") -> np.ndarray:
     """P(label | prompt with the label definitions), from the causal LM's log-likelihood of
     each label's tokens (plus the end-of-turn token) after the chat template's assistant header,
     normalised over the labels. No generation, no parsing: every label gets a score.
-    Returns an array (len(texts), len(labels)).
+    `normalize="mean"` divides each label's log-likelihood by its token count (see
+    zero_shot_probabilities). Returns an array (len(texts), len(labels)).
 
     Usage: zero_shot_scores(lm, tok, ["my card was charged twice"], labels, read_labels("tickets")["category"])
+    """
+    logliks = zero_shot_logliks(model, tokenizer, texts, labels, definitions, batch_size, template)
+    return zero_shot_probabilities(logliks, zero_shot_label_lengths(tokenizer, labels), normalize)
+
+
+def zero_shot_label_lengths(tokenizer, labels: Sequence[str]) -> list[int]:
+    """Tokens scored per label: the label's own tokens plus the end-of-turn token.
+
+    Usage: zero_shot_probabilities(logliks, zero_shot_label_lengths(tok, labels), "mean")
+    """
+    return [len(ids) for ids in _label_token_ids(tokenizer, labels)]
+
+
+def _label_token_ids(tokenizer, labels: Sequence[str]) -> list[list[int]]:
+    """The token ids scored for each label: its own tokens, then the end-of-turn token."""
+    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [tokenizer(label, add_special_tokens=False)["input_ids"] + end for label in labels]
+
+
+def zero_shot_probabilities(logliks: np.ndarray, label_lengths: Sequence[int], normalize: str = "sum") -> np.ndarray:
+    """Softmax over the labels of their log-likelihoods (rows: texts, columns: labels).
+
+    "sum" scores each label by the log-probability of its whole token sequence, which favours
+    labels of few tokens: every extra token multiplies in a probability below 1. "mean" divides
+    by the label's token count (the per-token average), which removes that length penalty.
+
+    Usage: probs = zero_shot_probabilities(logliks, zero_shot_label_lengths(tok, labels), normalize="mean")
+    """
+    if normalize not in ZERO_SHOT_NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {ZERO_SHOT_NORMALIZATIONS}, not {normalize!r}")
+    scores = torch.as_tensor(np.asarray(logliks, dtype=np.float64))
+    if normalize == "mean":
+        scores = scores / torch.tensor(label_lengths, dtype=scores.dtype)
+    return torch.softmax(scores, -1).numpy()
+
+
+@torch.no_grad()
+def zero_shot_logliks(model, tokenizer, texts: list[str], labels: list[str], definitions: dict[str, str],
+                      batch_size: int = 8, template: str = ZERO_SHOT_TEMPLATE) -> np.ndarray:
+    """Each label's summed log-likelihood (its tokens plus the end-of-turn token) as the answer to
+    the zero-shot prompt of each text, an array (len(texts), len(labels)). zero_shot_probabilities
+    turns it into probabilities, with either normalisation, without scoring again.
+
+    Usage: logliks = zero_shot_logliks(lm, tok, texts, labels, definitions, template=zero_shot_template("tickets"))
 
     Cost: the shared prefix runs once and its key/value cache serves every batch; each batch runs
     its texts once, then one short pass per label on that batch's cache, which is cut back after
@@ -310,8 +357,7 @@ def zero_shot_scores(model, tokenizer, texts: list[str], labels: list[str], defi
     device = model.device
     prefix, suffix = zero_shot_prompt(tokenizer, labels, definitions, template)
     tok = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    label_tokens = [tok(label) + end for label in labels]
+    label_tokens = _label_token_ids(tokenizer, labels)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     prefix_ids = torch.tensor([tok(prefix)], device=device)
     n_prefix, rows = prefix_ids.shape[1], min(batch_size, len(texts))
@@ -335,7 +381,7 @@ def zero_shot_scores(model, tokenizer, texts: list[str], labels: list[str], defi
         for j, target in enumerate(label_tokens):
             total[:, j] += _continuation_logprob(model, cache, target, seen, positions[:, -1:])
         cache.crop(-width)  # back to the prefix for the next batch
-        out[start:start + b] = torch.softmax(total, -1).cpu().numpy()
+        out[start:start + b] = total.cpu().numpy()
     return out
 
 

@@ -5,7 +5,9 @@ Usage:
     train, dropped = sft.build_sft_dataset(rows, tok, max_length=352)   # prompt/completion chat examples
     sft.check_training_examples(trainer.train_dataset, tok)             # labels, end-of-turn, masking
     sft.check_same_template(tok, rows[0])                               # inference prompt == training prefix
-    sft.evaluate(model, tok, test_rows, gen_rows, formats=formats.read_formats("domains"))  # + ROUGE-L
+    test = sft.evaluate_split(model, tok, test_rows, gen_rows, formats=formats.read_formats("domains"))
+    test.table, test.adherence_intervals()                              # perplexity, adherence, ROUGE-L
+    sft.packing_summary(trainer.train_dataset, batch_size=2)            # examples per packed row, padding
     sft.perplexity(model, tok, rows)                                    # {'loss': ..., 'perplexity': ...}
     sft.perplexity_interval(sft.response_nll(model, tok, rows))         # with a bootstrap interval over rows
     gen = ftnb.saved.load("outputs/02_domain_generation/adapter")       # adapter or merged folder
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from threading import Event, Thread
 from typing import Iterable, Iterator
@@ -30,7 +33,7 @@ from datasets import Dataset
 
 from ftnb import stats
 from ftnb.data import Schema
-from ftnb.inference import chat_inputs
+from ftnb.inference import chat_inputs, left_pad
 from ftnb.tasks.formats import adherence_report, format_adherence
 
 SYSTEM_PROMPT = "You are a careful assistant. Answer in the requested house format."
@@ -223,32 +226,36 @@ def response_nll(model, tokenizer, rows: list[dict] | Dataset, max_length: int =
                  system: str = SYSTEM_PROMPT) -> list[dict]:
     """Per row: summed negative log-likelihood of the reference response given its prompt
     (completion tokens only, end-of-turn included), token count, and whether max_length cut it.
-    Rows are batched longest-first so padding stays small."""
+
+    Memory stays bounded by `batch_size`: rows are batched longest-first with left padding, so
+    every response ends at the last position and the model computes full-vocabulary logits for
+    the last (longest response + 1) positions only (`logits_to_keep`), not for the prompts; the
+    loss is then taken one row at a time.
+
+    Usage: nll = response_nll(model, tok, ds["test"], batch_size=8); sum(r["nll"] for r in nll)
+    """
     model.eval()
     examples = []
     for row in _rows(rows):
         prompt, response = prompt_and_response_ids(tokenizer, row, system)
         full = prompt + response
-        labels = ([IGNORE] * len(prompt) + response)[:max_length]  # a prompt may exceed max_length
-        examples.append((full[:max_length], labels, len(full) > max_length))
+        trained = max(0, min(len(full), max_length) - len(prompt))  # a prompt may exceed max_length
+        examples.append((full[:max_length], trained, len(full) > max_length))
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
     results: list[dict] = [{} for _ in examples]
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        width = len(examples[batch[0]][0])
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), width), IGNORE)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        ids, mask = left_pad([examples[i][0] for i in batch], tokenizer.pad_token_id, model.device)
+        keep = max(examples[i][1] for i in batch) + 1  # the positions that predict a response token
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the positions
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
         for k, i in enumerate(batch):
-            seq, lab, _ = examples[i]
-            ids[k, :len(seq)], labels[k, :len(lab)], mask[k, :len(seq)] = torch.tensor(seq), torch.tensor(lab), 1
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        target = labels[:, 1:].to(logits.device)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target,
-                                                ignore_index=IGNORE, reduction="none").sum(1)
-        for k, i in enumerate(batch):
-            results[i] = {"nll": float(nll[k]), "tokens": int((target[k] != IGNORE).sum()),
-                          "truncated": examples[i][2]}
+            trained = examples[i][1]
+            # the row's last `trained` tokens are its response; the logits one position earlier predict them
+            predicted, target = logits[k, keep - 1 - trained:-1].float(), ids[k, ids.shape[1] - trained:]
+            nll = torch.nn.functional.cross_entropy(predicted, target, reduction="sum") if trained else 0.0
+            results[i] = {"nll": float(nll), "tokens": trained, "truncated": examples[i][2]}
+        del logits  # before the next batch's forward pass, not after it: one batch of logits at a time
     return results
 
 
@@ -529,19 +536,56 @@ def show_label_mask(input_ids: list[int], labels: list[int], tokenizer):
     return HTML(legend + "<div style='line-height:1.7'>" + "".join(spans) + "</div>")
 
 
-def evaluate(model, tokenizer, ppl_rows: list[dict], gen_rows: list[dict], max_length: int = 384,
-             max_new_tokens: int = 200, batch_size: int = 8, system: str = SYSTEM_PROMPT,
-             ppl_batch_size: int = 8, formats: dict | None = None, **generation_kwargs):
-    """Held-out perplexity on `ppl_rows` and, on the generations for `gen_rows`, format adherence
-    and ROUGE-L: one row per domain plus 'all'. Returns (table, per-rule pass rates, generations).
+@dataclass
+class Evaluation:
+    """What `evaluate_split` measured on one split: `table` (per domain and 'all': perplexity with its
+    bootstrap interval, loss, format adherence, ROUGE-L), `rules` (pass rate per format rule), the
+    generated `outputs`, `nll` (response_nll per perplexity row) and `passes` (pass or fail of every
+    answer, per domain with a house format and 'all'; for intervals and paired tests)."""
+
+    table: pd.DataFrame
+    rules: pd.DataFrame
+    outputs: list[str]
+    nll: list[dict]
+    passes: dict[str, list[bool]]
+
+    def adherence_intervals(self) -> dict[str, stats.Interval]:
+        """Wilson 95% interval of the format adherence per domain with a house format, and 'all'."""
+        return {group: stats.wilson_interval(sum(oks), len(oks)) for group, oks in self.passes.items() if oks}
+
+
+def adherence_passes(outputs: list[str], rows: list[dict], formats: dict) -> dict[str, list[bool]]:
+    """Pass or fail of every answer against its row's house format: per domain that has one, and
+    'all' over them ({} when no domain has a format).
+
+    Usage: adherence_passes(outputs, gen_rows, formats.read_formats("domains"))["all"]
+    """
+    passes = {d: [format_adherence(o, formats[d]).ok for o, r in zip(outputs, rows, strict=True) if r["domain"] == d]
+              for d in sorted({r["domain"] for r in rows}) if d in formats}
+    return {**passes, "all": [ok for oks in passes.values() for ok in oks]} if passes else {}
+
+
+def _perplexity_columns(per_row: list[dict]) -> dict:
+    """Pooled perplexity and loss of some rows, and the perplexity's bootstrap interval (NaN with
+    fewer than 2 rows or no response token)."""
+    pooled = _aggregate(per_row)
+    ci = (perplexity_interval(per_row) if len(per_row) >= 2 and pooled["tokens"]
+          else stats.Interval(pooled["perplexity"], math.nan, math.nan))
+    return {"perplexity": pooled["perplexity"], "perplexity_low": ci.low, "perplexity_high": ci.high,
+            "loss": pooled["loss"]}
+
+
+def evaluate_split(model, tokenizer, ppl_rows: list[dict], gen_rows: list[dict], max_length: int = 384,
+                   max_new_tokens: int = 200, batch_size: int = 8, system: str = SYSTEM_PROMPT,
+                   ppl_batch_size: int = 8, formats: dict | None = None, **generation_kwargs) -> Evaluation:
+    """Held-out perplexity (with a bootstrap interval over rows) on `ppl_rows` and, on the
+    generations for `gen_rows`, format adherence and ROUGE-L: one table row per domain plus 'all'.
     Format adherence is judged against `formats` (ftnb.tasks.formats.read_formats); a domain
     without a house format gets NaN there (not applicable, not 0), and its rows are left out of
-    'all' and of the per-rule table.
-    `batch_size` is for generation, which keeps one row of logits per prompt; the perplexity pass
-    keeps full-vocabulary logits for every token (batch x length x 49k floats for SmolLM2), so it
-    has its own, smaller `ppl_batch_size`.
+    'all' and of the per-rule table. `batch_size` bounds generation (prompts decoded together,
+    each with its key/value cache) and `ppl_batch_size` the perplexity pass (see response_nll).
 
-    Usage: table, rules, outputs = evaluate(model, tok, test_rows, test_rows[:60])
+    Usage: test = evaluate_split(model, tok, test_rows, gen_rows, formats=house); test.adherence_intervals()
     """
     import pandas as pd
 
@@ -549,19 +593,53 @@ def evaluate(model, tokenizer, ppl_rows: list[dict], gen_rows: list[dict], max_l
     ppl_rows, gen_rows = _rows(ppl_rows), _rows(gen_rows)
     nll = response_nll(model, tokenizer, ppl_rows, max_length, ppl_batch_size, system)
     outputs = generate_batch(model, tokenizer, gen_rows, max_new_tokens, batch_size, system, **generation_kwargs)
+    passes = adherence_passes(outputs, gen_rows, formats)
     domains = sorted({r["domain"] for r in ppl_rows} | {r["domain"] for r in gen_rows})
     table = {}
     for domain in domains + ["all"]:
         keep = lambda r: domain in ("all", r["domain"])  # noqa: E731
-        ppl = _aggregate([n for n, r in zip(nll, ppl_rows) if keep(r)])
         pairs = [(o, r) for o, r in zip(outputs, gen_rows) if keep(r)]
-        judged = [format_adherence(o, formats[r["domain"]]).ok for o, r in pairs if r["domain"] in formats]
+        judged = passes.get(domain, [])
         table[domain] = {
-            "perplexity": ppl["perplexity"], "loss": ppl["loss"],
+            **_perplexity_columns([n for n, r in zip(nll, ppl_rows) if keep(r)]),
             "format_adherence": sum(judged) / len(judged) if judged else math.nan,
             "rougeL": rouge_l([o for o, _ in pairs], [r["output"] for _, r in pairs]), "generated": len(pairs)}
     rules = adherence_report(outputs, [r["domain"] for r in gen_rows], formats)
-    return pd.DataFrame(table).T, rules, outputs
+    return Evaluation(pd.DataFrame(table).T, rules, outputs, nll, passes)
+
+
+def evaluate(model, tokenizer, ppl_rows: list[dict], gen_rows: list[dict], max_length: int = 384,
+             max_new_tokens: int = 200, batch_size: int = 8, system: str = SYSTEM_PROMPT,
+             ppl_batch_size: int = 8, formats: dict | None = None, **generation_kwargs):
+    """`evaluate_split`'s (table, per-rule pass rates, generations), for callers that need no more.
+
+    Usage: table, rules, outputs = evaluate(model, tok, test_rows, test_rows[:60])
+    """
+    result = evaluate_split(model, tokenizer, ppl_rows, gen_rows, max_length, max_new_tokens, batch_size, system,
+                            ppl_batch_size, formats, **generation_kwargs)
+    return result.table, result.rules, result.outputs
+
+
+def packing_summary(packed_rows: Dataset | list[dict], batch_size: int, seed: int = 0) -> dict:
+    """What packing does to a tokenized training set (e.g. `trainer.train_dataset`, whose rows carry
+    `seq_lengths` when packed): examples per packed row, and the tokens a step computes with TRL's
+    padding-free batches (the rows of a batch concatenated into one sequence, no padding) against
+    plain batches of `batch_size` examples each padded to its longest (in a shuffled order, as the
+    trainer samples).
+
+    Usage: packing_summary(trainer.train_dataset, batch_size=2)["padding_share_plain"]
+    """
+    per_row = [list(r.get("seq_lengths") or [len(r["input_ids"])]) for r in packed_rows]
+    lengths = np.random.default_rng(seed).permutation([n for row in per_row for n in row])
+    plain = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+    plain_tokens = int(sum(len(b) * b.max() for b in plain))
+    real = int(lengths.sum())
+    counts = np.array([len(row) for row in per_row])
+    return {"examples": len(lengths), "packed_rows": len(per_row), "examples_per_row": float(counts.mean()),
+            "rows_with_one_example": float((counts == 1).mean()), "max_examples_per_row": int(counts.max()),
+            "real_tokens": real, "plain_padded_tokens": plain_tokens,
+            "padding_share_plain": 1 - real / plain_tokens,
+            "steps_plain": len(plain), "steps_packed": math.ceil(len(per_row) / batch_size)}
 
 
 def side_by_side(rows: list[dict], columns: dict[str, list[str]], per_domain: int = 1):
