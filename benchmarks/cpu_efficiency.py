@@ -1,8 +1,8 @@
 """How close CPU training of recipes 01 and 02 runs to the machine's matrix-multiplication limit.
 
 In one process: a few training steps of each recipe at its cpu-preset settings (NF4 SmolLM2 +
-LoRA r=16 on every linear layer, fp32 compute; 01: classification head, 8 tickets x 2 accumulated,
-max_length 128, grouped by length; 02: TRL SFT, packed and padding-free, 2 rows per step,
+LoRA r=16 on every linear layer, fp32 compute; 01: classification head, 4 tickets x 4 accumulated,
+max_length 128, grouped by length, padded to a multiple of 16 tokens; 02: TRL SFT, packed and padding-free, 2 rows per step,
 max_length 384, loss on the answers), then a plain fp32 matrix multiplication of the model's own
 layer shapes at the same token count. Achieved training FLOP/s, counted from the model's shapes,
 divided by that measured matmul throughput is the share of the machine's matmul speed training gets.
@@ -22,6 +22,9 @@ counted: their time is part of what keeps the share below 1.
 Also measured at the same token count: the extra time of the NF4 layers over fp32 matmuls of
 the same shapes (bitsandbytes de-quantizes each weight in the forward pass and again for the
 input gradient), and the cross-entropy over the whole vocabulary (02).
+
+On a CPU with bf16 instructions (AVX512-BF16, AMX) the same steps run once more computing in bf16
+(notebook 01's `cpu_bf16`), against the bf16 matmul throughput of the same shapes and against the fp32 one.
 
 Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py   # ~5 min on 2 cores
        (prints the breakdown and writes benchmarks/cpu_efficiency.json; --steps N: timed steps per recipe)
@@ -120,11 +123,11 @@ def _median_seconds(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def matmul_throughput(config, tokens: int, head: tuple[int, int]) -> float:
-    """FLOP/s of plain fp32 matmuls in the proportions of a training step: every linear layer's
+def matmul_throughput(config, tokens: int, head: tuple[int, int], dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of plain matmuls in `dtype` in the proportions of a training step: every linear layer's
     forward X W^T and input gradient dY W at `tokens` rows, 30 layers plus the output head."""
     def layer_pair(i: int, o: int):
-        x, w, dy = torch.randn(tokens, i), torch.randn(o, i), torch.randn(tokens, o)
+        x, w, dy = (torch.randn(*shape, dtype=dtype) for shape in [(tokens, i), (o, i), (tokens, o)])
         return lambda: (F.linear(x, w), dy @ w)
 
     layer = [layer_pair(i, o) for i, o in layer_shapes(config)]
@@ -162,39 +165,41 @@ def vocabulary_loss_seconds(tokens: int, vocab: int) -> float:
     return _median_seconds(step, repeats=3)
 
 
-def classification_trainer(model_name: str, tokenizer, steps: int, folder: str):
-    """Recipe 01 at its cpu preset (notebook 01's training cells), limited to `steps` optimizer steps."""
+def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype):
+    """Recipe 01 at its cpu preset (notebook 01's training cells), limited to `steps` optimizer steps,
+    computing in `dtype`."""
     ds = data.load("tickets", schema=data.Schema.of("subject", "body", "category"))
     labels = classify.labels_for("category", ds["train"], "tickets")
     id2label, label2id = classify.label_maps(labels)
     model = load_model(model_name, task="seq-cls", quantization="nf4", double_quant=True, num_labels=len(labels),
-                       id2label=id2label, label2id=label2id, tokenizer=tokenizer)
+                       id2label=id2label, label2id=label2id, tokenizer=tokenizer, dtype=dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **LORA))
     train = classify.tokenize_split(ds["train"], tokenizer, "category", labels, max_length=128)
     args = TrainingArguments(
-        output_dir=folder, max_steps=steps, learning_rate=1e-3, per_device_train_batch_size=8,
-        gradient_accumulation_steps=2, lr_scheduler_type="cosine", warmup_steps=0.1,
-        gradient_checkpointing=False, train_sampling_strategy="group_by_length", **env.precision_flags(),
+        output_dir=folder, max_steps=steps, learning_rate=1e-3, per_device_train_batch_size=4,
+        gradient_accumulation_steps=4, lr_scheduler_type="cosine", warmup_steps=0.1,
+        gradient_checkpointing=False, train_sampling_strategy="group_by_length", **env.precision_flags(dtype),
         save_strategy="no", report_to="none", disable_tqdm=True, seed=SEED)
-    recorder = ShapeRecorder(DataCollatorWithPadding(tokenizer))
+    recorder = ShapeRecorder(DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16))
     trainer = classify.WeightedTrainer(model=model, args=args, train_dataset=train, data_collator=recorder)
     return trainer, recorder, (model.config.hidden_size, len(labels)), True
 
 
-def sft_trainer(model_name: str, tokenizer, steps: int, folder: str):
-    """Recipe 02 at its cpu preset (notebook 02's training cells), limited to `steps` optimizer steps."""
+def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype):
+    """Recipe 02 at its cpu preset (notebook 02's training cells), limited to `steps` optimizer steps,
+    computing in `dtype`."""
     from trl import SFTConfig, SFTTrainer
 
     rows = data.subset(data.load("domains", schema=sft.SCHEMA)["train"], 360, SEED, stratify="domain")
     train, _ = sft.build_sft_dataset(rows, tokenizer, max_length=384)
-    model = load_model(model_name, quantization="nf4", double_quant=True)
+    model = load_model(model_name, quantization="nf4", double_quant=True, dtype=dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
     args = SFTConfig(
         output_dir=folder, max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=1,
         learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, max_length=384, packing=True,
-        completion_only_loss=True, gradient_checkpointing=False, **env.precision_flags(),
+        completion_only_loss=True, gradient_checkpointing=False, **env.precision_flags(dtype),
         save_strategy="no", report_to="none", disable_tqdm=True, seed=SEED)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     recorder = ShapeRecorder(trainer.data_collator)
@@ -202,16 +207,23 @@ def sft_trainer(model_name: str, tokenizer, steps: int, folder: str):
     return trainer, recorder, (model.config.hidden_size, model.config.vocab_size), False
 
 
-def measure(build, model_name: str, tokenizer, steps: int) -> dict:
-    """Train WARMUP_STEPS + steps optimizer steps; the breakdown of the timed ones."""
+def timed_steps(build, model_name: str, tokenizer, steps: int, dtype: torch.dtype):
+    """Train WARMUP_STEPS + steps optimizer steps computing in `dtype`: the trainer, the timed steps'
+    micro-batches and seconds, the head's shape and whether it is trained."""
     with tempfile.TemporaryDirectory() as folder:
-        trainer, recorder, head, head_trained = build(model_name, tokenizer, WARMUP_STEPS + steps, folder)
+        trainer, recorder, head, head_trained = build(model_name, tokenizer, WARMUP_STEPS + steps, folder, dtype)
         timer = StepTimer()
         trainer.add_callback(timer)
         trainer.train()
-    model, micro = trainer.model, trainer.args.gradient_accumulation_steps
+    micro = trainer.args.gradient_accumulation_steps
     batches = recorder.batches[WARMUP_STEPS * micro:(WARMUP_STEPS + steps) * micro]
-    seconds = sum(timer.seconds[WARMUP_STEPS:])
+    return trainer, batches, sum(timer.seconds[WARMUP_STEPS:]), head, head_trained
+
+
+def measure(build, model_name: str, tokenizer, steps: int) -> dict:
+    """The breakdown of `steps` timed fp32 training steps (module docstring)."""
+    trainer, batches, seconds, head, head_trained = timed_steps(build, model_name, tokenizer, steps, torch.float32)
+    model, micro = trainer.model, trainer.args.gradient_accumulation_steps
     config = model.config
     real, executed = (training_flops(config, batches, head, head_trained, real=r) for r in (True, False))
     tokens_real = sum(sum(b["lengths"]) for b in batches)
@@ -239,6 +251,22 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
     return out
 
 
+def measure_bf16(build, model_name: str, tokenizer, steps: int, fp32: dict) -> dict:
+    """The same steps computing in bf16 (a CPU with bf16 instructions: notebook 01's cpu_bf16), against
+    the bf16 and the fp32 matmul throughput of the same shapes, and the speed-up over the fp32 row."""
+    trainer, batches, seconds, head, head_trained = timed_steps(build, model_name, tokenizer, steps, torch.bfloat16)
+    config = trainer.model.config
+    real = training_flops(config, batches, head, head_trained, real=True)
+    tokens_per_micro = round(sum(b["rows"] * b["width"] for b in batches) / len(batches))
+    matmul_bf16 = matmul_throughput(config, tokens_per_micro, head, torch.bfloat16)
+    tokens_real = sum(sum(b["lengths"]) for b in batches)
+    return {"timed_steps": steps, "seconds_per_step": seconds / steps, "tokens_per_second_real": tokens_real / seconds,
+            "achieved_gflops_real": real / seconds / 1e9, "matmul_bf16_gflops": matmul_bf16 / 1e9,
+            "fraction_of_bf16_matmul": real / seconds / matmul_bf16,
+            "fraction_of_fp32_matmul": real / seconds / (fp32["matmul_fp32_gflops"] * 1e9),
+            "speedup_over_fp32": fp32["seconds_per_step"] / (seconds / steps)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per recipe")
@@ -255,9 +283,10 @@ def main() -> None:
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "bitsandbytes": bnb.__version__},
-        "model": f"{args.model}, NF4 + double quant, LoRA r=16 all-linear, fp32 compute"
+        "model": f"{args.model}, NF4 + double quant, LoRA r=16 all-linear, fp32 compute (recipes_bf16: bf16)"
                  + (" (offline: SmolLM2 de-quantized from Q4_1)" if args.model == MODEL else ""),
         "recipes": {},
+        "recipes_bf16": {},  # the same steps in bf16, where the CPU has bf16 instructions (else empty)
     }
     for name, build in [("01_ticket_classification", classification_trainer), ("02_domain_generation", sft_trainer)]:
         result["recipes"][name] = row = measure(build, args.model, tokenizer, args.steps)
@@ -266,6 +295,12 @@ def main() -> None:
               f"({row['achieved_gflops_executed']:.1f} as executed) of {row['matmul_fp32_gflops']:.1f} GFLOP/s "
               f"fp32 matmul = {row['fraction_real']:.2f} ({row['fraction_executed']:.2f}); NF4 overhead "
               f"{row['nf4_overhead_share']:.0%} of a step, vocabulary loss {row['vocabulary_loss_share']:.0%}")
+        if env.cpu_native_bf16():
+            result["recipes_bf16"][name] = half = measure_bf16(build, args.model, tokenizer, args.steps, row)
+            print(f"{name}, bf16: {half['seconds_per_step']:.2f} s/step ({half['speedup_over_fp32']:.2f}x fp32), "
+                  f"{half['achieved_gflops_real']:.1f} GFLOP/s real = {half['fraction_of_fp32_matmul']:.2f} of the "
+                  f"fp32 matmul limit, {half['fraction_of_bf16_matmul']:.2f} of the bf16 one "
+                  f"({half['matmul_bf16_gflops']:.1f} GFLOP/s)")
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("saved", args.out)
 

@@ -289,7 +289,20 @@ def load_model(folder: str | Path, manifest: dict | None = None, base=None, **mo
         base = base if base is not None else load_base(manifest, **model_kwargs)
         model = attach_adapters(base, folder, manifest["weights"])
     replay_dtypes(model, manifest)
+    if manifest["weights"]["format"] != "merged" and manifest["parameter_dtypes"]:
+        _load_adapter_weights_again(model, folder, manifest["weights"])
     return model.eval()
+
+
+def _load_adapter_weights_again(model, folder: str | Path, weights: dict) -> None:
+    """Copy every saved adapter's weights in once more, now that replay_dtypes gave each parameter its
+    recorded dtype. PeftModel.from_pretrained copies them into modules made in the base's dtype: on a
+    bf16 or fp16 base a head trained in fp32 (modules_to_save) is rounded on the way in, and casting it
+    back to fp32 afterwards does not undo the rounding."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    for name, spec in weights["adapters"].items():
+        set_peft_model_state_dict(model, load_peft_weights(str(Path(folder) / spec["path"])), adapter_name=name)
 
 
 def attach_adapters(base, folder: str | Path, weights: dict):

@@ -250,3 +250,34 @@ def test_demo_renders_without_interaction(trained):
     box = classify.build_demo(clf, "Where is my parcel?")
     html = box.children[-1].value
     assert any(f"<b>{label}</b>" in html for label in LABELS)
+
+
+def test_ensemble_weights_choose_the_blend_with_the_lowest_validation_log_loss():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, 300)
+    informed = np.full((300, 3), 0.1)
+    informed[np.arange(300), truth] = 0.8  # always right, confidently
+    noise = rng.dirichlet(np.ones(3), 300)  # says nothing about the label
+    chosen = classify.ensemble_weights({"informed": informed, "noise": noise}, truth, step=0.25)
+    assert chosen["weights"] == {"informed": 1.0, "noise": 0.0}
+    assert chosen["log_loss"] == pytest.approx(chosen["single"]["informed"])
+    assert chosen["single"]["informed"] < chosen["single"]["noise"]
+    # two models each right on a different half: a blend beats either alone, and is what is chosen
+    half = np.arange(300) < 150
+    a, b = noise.copy(), noise.copy()
+    a[half] = informed[half]
+    b[~half] = informed[~half]
+    both = classify.ensemble_weights({"a": a, "b": b}, truth, step=0.1)
+    assert 0 < both["weights"]["a"] < 1 and both["log_loss"] < min(both["single"].values())
+    blended = classify.blend({"a": a, "b": b}, both["weights"])
+    assert np.allclose(blended.sum(1), 1) and (blended.argmax(1) == truth).mean() > 0.9
+
+
+def test_blend_and_weights_reject_what_does_not_fit():
+    p = np.full((4, 2), 0.5)
+    with pytest.raises(ValueError, match="one non-negative weight per classifier"):
+        classify.blend({"a": p, "b": p}, {"a": 1.0})
+    with pytest.raises(ValueError, match="same rows and labels"):
+        classify.blend({"a": p, "b": p[:3]}, {"a": 0.5, "b": 0.5})
+    with pytest.raises(ValueError, match="step must divide 1"):
+        classify.ensemble_weights({"a": p}, [0, 1, 0, 1], step=0.3)

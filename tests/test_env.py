@@ -1,3 +1,4 @@
+import pytest
 import torch
 import transformers
 
@@ -26,3 +27,21 @@ def test_seed_everything_repeats():
     a = torch.rand(4)
     env.seed_everything(3)
     assert torch.equal(a, torch.rand(4))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch, native):
+    monkeypatch.setattr(env, "device_type", lambda: "cpu")
+    monkeypatch.setattr(env, "cpu_native_bf16", lambda: native)
+    assert env.pick_dtype() == torch.float32  # never without asking
+    assert env.pick_dtype(cpu_bf16=True) == (torch.bfloat16 if native else torch.float32)
+    flags = env.precision_flags(env.pick_dtype(cpu_bf16=True))
+    assert flags == ({"bf16": True, "fp16": False, "use_cpu": True} if native else {"bf16": False, "fp16": False})
+    assert env.precision_flags() == {"bf16": False, "fp16": False}
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not env.cpu_native_bf16(), reason="needs a CPU with bf16 instructions")
+def test_the_trainer_accepts_bf16_on_a_cpu(tmp_path):
+    args = transformers.TrainingArguments(str(tmp_path), report_to="none",
+                                          **env.precision_flags(env.pick_dtype(cpu_bf16=True)))
+    assert args.bf16 and args.use_cpu

@@ -48,6 +48,12 @@ def _tickets(m: dict) -> None:
     assert sum(ood_mcnemar[k] for k in ("only_a_right", "only_b_right", "both_right", "both_wrong")) == ood["n"]
     ood_difference = ood["qlora_vs_tfidf"]["macro_f1_difference"]
     assert ood_difference["low"] <= ood_difference["estimate"] <= ood_difference["high"]
+    tests = ood["vs_tfidf"]  # each trained model and the ensemble against TF-IDF, Holm-adjusted together
+    assert {"QLoRA", "ensemble"} <= set(tests) and tests["QLoRA"] == ood["qlora_vs_tfidf"]
+    assert all(t["mcnemar"]["p_value"] <= t["mcnemar_p_holm"] <= 1 for t in tests.values())
+    ensemble = m["ensemble"]  # weights chosen on validation: a point of the simplex, no worse than its best member
+    assert abs(sum(ensemble["weights"].values()) - 1) < 1e-9 and min(ensemble["weights"].values()) >= 0
+    assert ensemble["log_loss"] <= min(ensemble["single"].values()) + 1e-12 and ensemble["name"] in m["methods"]
     tfidf = m["tfidf_C"]  # chosen on validation, from a grid that reaches past 1 on both sides
     assert tfidf["best"] in tfidf["grid"] and min(tfidf["grid"]) < 1 < max(tfidf["grid"])
     zero_shot = m["zero_shot"]  # sum or mean per label token: the better on validation
@@ -135,7 +141,10 @@ def _inference_and_serving(m: dict) -> None:
         assert 0 < loss["low"] <= loss["estimate"] <= loss["high"] and loss_delta["low"] <= loss_delta["estimate"] <= loss_delta["high"]
     assert all(r["macro_f1"]["low"] <= r["macro_f1"]["estimate"] <= r["macro_f1"]["high"] for r in classifier.values())
     engines = {r["engine"] for r in m["speed"]}
-    assert all(r["tokens_per_s"] > 0 and 0 < r["ttft_s"] < r["seconds"] for r in m["speed"]) and len(engines) >= 4
+    # no ordering between the two timings: on the 2-layer test model a 1-token call and a 6-token call both take
+    # about a millisecond, and which median comes out lower is noise on a loaded machine
+    assert all(r["tokens_per_s"] > 0 and _finite(r["ttft_s"], r["seconds"]) and min(r["ttft_s"], r["seconds"]) > 0
+               for r in m["speed"]) and len(engines) >= 4
     assert _finite(m["fast_vs_fp32_batch1"]["tokens_per_s"]) and m["table"] and m["table_markdown"].startswith("|")
     serving = m["serving"]  # the served greedy answer and labels equal the in-process ones
     assert serving["served_equals_in_process"] and serving["streamed_equals_in_process"]

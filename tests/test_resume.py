@@ -29,7 +29,7 @@ NOTEBOOK = "01_ticket_classification"
 # 32 tickets, 2 x 2 per optimizer step: 8 steps per epoch, 16 in all; a checkpoint and an evaluation
 # every 2 steps, the loss logged every step (steps_per_epoch // 5 = 1)
 TINY = {"model": "tiny-llama-test", "train_limit": 32, "batch_size": 2, "grad_accum": 2, "epochs": 2,
-        "save_steps": 2, "gradient_checkpointing": False, "baselines": False}
+        "save_steps": 2, "gradient_checkpointing": False, "baselines": False, "reload_check": False}
 TOTAL_STEPS, KILL_AFTER_STEP, LOG_EVERY = 16, 10, 1  # killed in the second epoch: the data position spans an epoch
 # the cores a run may be pinned to (Linux); elsewhere every run keeps all of them
 CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [None]

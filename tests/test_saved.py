@@ -233,6 +233,17 @@ def test_fp16_gpu_classifier_reloads_in_a_fresh_process(tmp_path):
     assert np.abs(before - after).max() <= TOLERANCE
 
 
+def test_a_bf16_base_reloads_with_its_fp32_head_and_adapter_exact(tmp_path):
+    """A 4-bit base computing in bf16 (a GPU, or recipe 01's cpu_bf16) keeps the head and the LoRA
+    weights in fp32: the reload must not round them through the base's bf16 on the way in."""
+    clf = train_classifier(tmp_path, "nf4", dtype=torch.bfloat16)
+    manifest = saved.read_manifest(clf.save(tmp_path / "saved"))
+    assert manifest["dtype"] == "bfloat16" and manifest["quantization"]["compute_dtype"] == "bfloat16"
+    assert any("score" in name and dtype == "float32" for name, dtype in manifest["parameter_dtypes"].items())
+    before, after = clf.probabilities(RECORDS), saved.load(tmp_path / "saved").probabilities(RECORDS)
+    assert np.abs(before - after).max() <= TOLERANCE
+
+
 def test_several_named_adapters_on_one_base(tmp_path):
     """The format one base with several adapters will use: each adapter listed, the active one kept."""
     tok = load_tokenizer("tiny-llama-test")

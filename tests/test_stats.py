@@ -128,3 +128,9 @@ def test_paired_difference_separates_a_better_method_only_when_it_is():
     tie = stats.paired_bootstrap_difference(metric, truth, good, similar)
     assert tie.low < 0 < tie.high
     assert stats.paired_bootstrap_difference(metric, truth, good, good).as_dict()["high"] == 0.0
+
+
+def test_holm_adjusts_step_down_and_keeps_the_order():
+    adjusted = stats.holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert adjusted == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})  # 3 x 0.01, then 2 x 0.03, then max(0.04, 0.06)
+    assert stats.holm({"only": 0.2}) == {"only": 0.2} and stats.holm({"x": 0.6, "y": 0.7})["x"] == 1.0

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from accelerate.utils import extract_model_from_parallel
 from datasets import Dataset
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from transformers import Trainer
@@ -219,6 +220,55 @@ def expected_calibration_error(probs: np.ndarray, y_true: Sequence[int], n_bins:
     correct = probs.argmax(1) == np.asarray(y_true)
     return float(sum(n * abs(conf - acc) for _, n, conf, acc in _confidence_bins(probs, correct, n_bins))
                  / len(probs))
+
+
+def blend(probabilities: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """The weighted mean of several classifiers' probabilities for the same rows (columns in one
+    label order): an ensemble that needs no training.
+
+    Usage: blend({"qlora": p1, "tfidf": p2}, {"qlora": 0.7, "tfidf": 0.3})
+    """
+    if set(weights) != set(probabilities) or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"give one non-negative weight per classifier ({sorted(probabilities)}), not all zero; "
+                         f"got {weights}")
+    shapes = {name: np.shape(p) for name, p in probabilities.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"the classifiers' probabilities must cover the same rows and labels; got shapes {shapes}")
+    total = sum(weights.values())
+    return sum(weights[name] / total * np.asarray(p) for name, p in probabilities.items())
+
+
+def ensemble_weights(probabilities: dict[str, np.ndarray], y_true: Sequence[int], step: float = 0.1) -> dict:
+    """Weights for blend(), chosen on held-out rows (validation, never test): every point of a grid
+    over the simplex (weights in multiples of `step`, summing to 1), scored by the log-loss of the
+    true labels. The log-loss rather than accuracy because it ranks near-ties that accuracy cannot
+    tell apart on a few hundred rows. Returns {"weights", "log_loss", "single": each classifier's own log-loss}.
+
+    Usage: ensemble_weights({"qlora": val_p1, "tfidf": val_p2}, label_ids(y_val, labels))["weights"]
+    """
+    names, units = list(probabilities), round(1 / step)
+    if not 0 < step <= 1 or abs(units * step - 1) > 1e-9:
+        raise ValueError(f"step must divide 1 (0.1, 0.25, 0.5), not {step}")
+    truth = np.asarray(y_true)
+
+    def log_loss(weights: dict[str, float]) -> float:
+        chosen = blend(probabilities, weights)[np.arange(len(truth)), truth]
+        return float(-np.log(np.clip(chosen, 1e-12, None)).mean())
+
+    grid = [dict(zip(names, (k * step for k in split))) for split in _compositions(units, len(names))]
+    best = min(grid, key=log_loss)  # the first of equals: the grid lists the earlier classifiers' weight first
+    return {"weights": best, "log_loss": log_loss(best),
+            "single": {name: log_loss({n: float(n == name) for n in names}) for name in names}}
+
+
+def _compositions(total: int, parts: int):
+    """Every way to write `total` as an ordered sum of `parts` non-negative integers."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(total, -1, -1):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first, *rest)
 
 
 def plot_reliability(probs: np.ndarray, y_true: Sequence[int], n_bins: int = 10, title: str = "", ax=None):
@@ -421,7 +471,10 @@ class Classifier:
     def __init__(self, model, tokenizer, labels: Sequence[str], base_model: str, max_length: int = 256,
                  label_field: str = "category", text_fields: Sequence[str] = ("subject", "body"),
                  batch_size: int = 16):
-        self.model, self.tokenizer, self.labels = model, tokenizer, list(labels)
+        # a Trainer with bf16 or fp16 wraps the model's forward in autocast and leaves it wrapped: undone here,
+        # so this object predicts exactly as its saved copy will after ftnb.saved.load (which has no wrapper)
+        self.model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+        self.tokenizer, self.labels = tokenizer, list(labels)
         self.base_model, self.max_length, self.label_field = base_model, max_length, label_field
         self.text_fields, self.batch_size = list(text_fields), batch_size
 
