@@ -255,7 +255,7 @@ def ensemble_weights(probabilities: dict[str, np.ndarray], y_true: Sequence[int]
         chosen = blend(probabilities, weights)[np.arange(len(truth)), truth]
         return float(-np.log(np.clip(chosen, 1e-12, None)).mean())
 
-    grid = [dict(zip(names, (k * step for k in split))) for split in _compositions(units, len(names))]
+    grid = [dict(zip(names, (round(k * step, 12) for k in split))) for split in _compositions(units, len(names))]
     best = min(grid, key=log_loss)  # the first of equals: the grid lists the earlier classifiers' weight first
     return {"weights": best, "log_loss": log_loss(best),
             "single": {name: log_loss({n: float(n == name) for n in names}) for name in names}}
