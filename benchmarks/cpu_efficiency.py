@@ -220,15 +220,21 @@ def timed_steps(build, model_name: str, tokenizer, steps: int, dtype: torch.dtyp
     return trainer, batches, sum(timer.seconds[WARMUP_STEPS:]), head, head_trained
 
 
+def token_counts(batches: list[dict]) -> tuple[int, int, int]:
+    """Tokens that carry text, tokens the kernels were given (padding included), and the latter per
+    micro-batch (the row count the matmul references are timed at)."""
+    real = sum(sum(b["lengths"]) for b in batches)
+    executed = sum(b["rows"] * b["width"] for b in batches)
+    return real, executed, round(executed / len(batches))
+
+
 def measure(build, model_name: str, tokenizer, steps: int) -> dict:
     """The breakdown of `steps` timed fp32 training steps (module docstring)."""
     trainer, batches, seconds, head, head_trained = timed_steps(build, model_name, tokenizer, steps, torch.float32)
     model, micro = trainer.model, trainer.args.gradient_accumulation_steps
     config = model.config
     real, executed = (training_flops(config, batches, head, head_trained, real=r) for r in (True, False))
-    tokens_real = sum(sum(b["lengths"]) for b in batches)
-    tokens_executed = sum(b["rows"] * b["width"] for b in batches)
-    tokens_per_micro = round(tokens_executed / len(batches))
+    tokens_real, tokens_executed, tokens_per_micro = token_counts(batches)
     matmul = matmul_throughput(config, tokens_per_micro, head)
     nf4_s = nf4_overhead_seconds(model, tokens_per_micro) * len(batches) / steps
     loss_s = vocabulary_loss_seconds(tokens_per_micro, head[1]) * len(batches) / steps if not head_trained else 0.0
@@ -257,9 +263,8 @@ def measure_bf16(build, model_name: str, tokenizer, steps: int, fp32: dict) -> d
     trainer, batches, seconds, head, head_trained = timed_steps(build, model_name, tokenizer, steps, torch.bfloat16)
     config = trainer.model.config
     real = training_flops(config, batches, head, head_trained, real=True)
-    tokens_per_micro = round(sum(b["rows"] * b["width"] for b in batches) / len(batches))
+    tokens_real, _, tokens_per_micro = token_counts(batches)
     matmul_bf16 = matmul_throughput(config, tokens_per_micro, head, torch.bfloat16)
-    tokens_real = sum(sum(b["lengths"]) for b in batches)
     return {"timed_steps": steps, "seconds_per_step": seconds / steps, "tokens_per_second_real": tokens_real / seconds,
             "achieved_gflops_real": real / seconds / 1e9, "matmul_bf16_gflops": matmul_bf16 / 1e9,
             "fraction_of_bf16_matmul": real / seconds / matmul_bf16,
