@@ -273,6 +273,36 @@ def _refuse_if_still_running(run_dir: Path) -> None:
                      "wait for it, stop it, or choose another folder")
 
 
+def core_shares(parts: int) -> list[set[int] | None]:
+    """This process's CPU cores split into `parts` disjoint sets, to run that many processes side by side
+    without fighting over cores (two runs with a thread per core each on the same cores can run many times
+    slower, each waiting on threads the other has descheduled); a part gets every core when there are fewer
+    cores than parts. [None] * parts where the OS cannot pin processes (not Linux).
+
+    Usage: mine, theirs = core_shares(2); start_run("01", "--preset", "smoke", log=Path("a.log"), cores=mine)
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return [None] * parts
+    available = sorted(os.sched_getaffinity(0))
+    return [set(available[i * len(available) // parts:(i + 1) * len(available) // parts] or available)
+            for i in range(parts)]
+
+
+def start_run(notebook: str | Path, *options: str, log: Path, cores: set[int] | None = None) -> subprocess.Popen:
+    """`python -m ftnb run NOTEBOOK OPTIONS...` in the background, its output appended to `log` (a pipe nobody
+    reads could fill up and stall it), pinned to `cores` where given: its kernel inherits them and
+    ftnb.env.setup gives torch a thread per core, so runs pinned to shares of the same size compute alike.
+
+    Usage: run = start_run("01", "--preset", "smoke", "--output-dir", "out", log=Path("out.log")); run.wait()
+    """
+    with open(log, "a") as output:  # the child keeps its own copy of the file
+        run = subprocess.Popen([sys.executable, "-m", "ftnb", "run", str(notebook), *options],
+                               stdout=output, stderr=subprocess.STDOUT)
+    if cores:  # before its kernel starts: the runner imports for a second first
+        os.sched_setaffinity(run.pid, cores)
+    return run
+
+
 def kill_kernel_at_checkpoint(run: subprocess.Popen, checkpoints_dir: str | Path, step: int,
                               timeout: float = 600) -> int:
     """A lost runtime, for real: wait until `checkpoints_dir` holds a complete checkpoint at `step` or

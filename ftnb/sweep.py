@@ -39,7 +39,8 @@ from pathlib import Path
 
 import yaml
 
-from ftnb.runner import UsageError, _refuse_if_still_running, find_notebook, read_run_record, resolve_parameters
+from ftnb.runner import (UsageError, _refuse_if_still_running, core_shares, find_notebook, read_run_record,
+                         resolve_parameters)
 
 RESULTS_TABLE = "results.csv"
 ATTEMPTS_DIR = "attempts"
@@ -186,13 +187,11 @@ def _set_aside(run_dir: Path) -> None:
 
 def _core_slots(jobs: int) -> queue.Queue | None:
     """`jobs` disjoint sets of this process's cores, or None when runs keep all cores."""
-    if jobs == 1 or not hasattr(os, "sched_setaffinity"):
+    if jobs == 1:
         return None
-    available = sorted(os.sched_getaffinity(0))
-    slots: queue.Queue = queue.Queue()
-    for i in range(jobs):
-        share = available[i * len(available) // jobs:(i + 1) * len(available) // jobs]
-        slots.put(set(share or available))  # fewer cores than jobs: the runs share them
+    slots: queue.Queue = queue.Queue()  # a share is None where the OS cannot pin processes
+    for share in core_shares(jobs):
+        slots.put(share)
     return slots
 
 

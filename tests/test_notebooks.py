@@ -174,9 +174,11 @@ def _experiments(m: dict) -> None:
     assert all(0 <= row["validation_mean"] <= 1 and row["adapter_mib"] > 0 for row in variants["by_variant"])
     resume = m["resume"]  # a real kill mid-training, then a resume that trained to the end
     assert resume["status"] == "ok" and resume["attempts"] == ["dead_kernel"]
-    assert 0 < resume["killed_at_step"] < resume["final_step"]
-    if "largest_difference" in resume:  # compared with a run left alone (tests/test_resume.py: every tensor)
-        assert all(gap <= 1e-6 for gap in resume["largest_difference"].values()), resume["largest_difference"]
+    # the smoke's demonstration is the suite's NF4 base with the paged 8-bit AdamW (presets.yaml), killed in its
+    # second of 2 epochs and compared with the same training left alone (fp32: tests/test_resume.py)
+    assert resume["final_step"] // 2 < resume["killed_at_step"] < resume["final_step"]
+    gaps = resume["largest_difference"]
+    assert len(gaps) == 4 and all(gap <= 1e-6 for gap in gaps.values()), gaps
     cost = {row["sweep"]: row for row in m["cost"]}  # printed from the results tables
     swept = cost["sweep of " + " x ".join(sweep["grid"])]
     assert swept["runs"] == sweep["runs"] and swept["hours of runs"] > 0

@@ -271,3 +271,22 @@ def _sleeping_cell_started(executed: Path) -> bool:
         return False
     return any(c.source.startswith("import os, time") and c.metadata.get("papermill", {}).get("status") == "running"
                for c in cells)
+
+
+@pytest.mark.skipif(not hasattr(runner.os, "sched_setaffinity"), reason="pinning processes to cores needs Linux")
+def test_core_shares_split_the_cores_and_never_leave_a_run_without_one(monkeypatch):
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert runner.core_shares(2) == [{0, 1}, {2, 3, 4}]  # disjoint, every core used
+    assert runner.core_shares(1) == [{0, 1, 2, 3, 4}]
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {3})
+    assert runner.core_shares(2) == [{3}, {3}]  # fewer cores than runs: they share
+
+
+def test_a_started_run_is_pinned_to_its_cores_and_logs_to_its_file(toy_notebook, tmp_path):
+    cores = runner.core_shares(2)[-1]
+    run = runner.start_run(toy_notebook, "--output-dir", str(tmp_path / "out"), log=tmp_path / "out.log", cores=cores)
+    if cores is not None:
+        assert runner.os.sched_getaffinity(run.pid) == cores
+    assert run.wait(timeout=120) == 0, (tmp_path / "out.log").read_text()[-2000:]
+    assert runner.read_run_record(tmp_path / "out")["status"] == "ok"
+    assert "run record:" in (tmp_path / "out.log").read_text()
