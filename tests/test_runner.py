@@ -290,3 +290,30 @@ def test_a_started_run_is_pinned_to_its_cores_and_logs_to_its_file(toy_notebook,
     assert run.wait(timeout=120) == 0, (tmp_path / "out.log").read_text()[-2000:]
     assert runner.read_run_record(tmp_path / "out")["status"] == "ok"
     assert "run record:" in (tmp_path / "out.log").read_text()
+
+
+def _notebook_with_parameters(folder: Path, source: str) -> Path:
+    params = nbformat.v4.new_code_cell(source)
+    params.metadata["tags"] = ["parameters"]
+    path = folder / "declared.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[params]), path)
+    return path
+
+
+def test_parameters_are_read_whatever_their_comments_say(tmp_path):
+    """papermill's own reader drops a line whose comment holds " = "; Python's parser does not."""
+    path = _notebook_with_parameters(tmp_path, 'lora_alpha = 32  # scale = alpha / r\n'
+                                               'grid = {"lr": [1e-4,  # low\n'
+                                               '              3e-4]}  # high\n'
+                                               'steps: int = 3  # typed\n')
+    declared = runner.notebook_parameters(path)
+    assert declared == {"lora_alpha": {"default": "32", "help": "scale = alpha / r"},
+                        "grid": {"default": '{"lr": [1e-4,  # low\n              3e-4]}', "help": "low high"},
+                        "steps": {"default": "3", "help": "typed"}}
+    assert resolve_parameters(path, overrides={"lora_alpha": "64"})["lora_alpha"] == 64
+
+
+def test_a_parameters_cell_that_is_not_plain_python_is_named(tmp_path):
+    path = _notebook_with_parameters(tmp_path, "steps = 2\n%matplotlib inline\n")
+    with pytest.raises(ParameterError, match="line 2 of its parameters cell"):
+        runner.notebook_parameters(path)
