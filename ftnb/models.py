@@ -366,6 +366,20 @@ def keep_training_kernel(model: PreTrainedModel) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def plain_forward(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with the forward it had before a Trainer trained it (the same object, returned for chaining).
+    A Trainer with bf16 or fp16 wraps the model's forward in autocast and leaves it wrapped after training:
+    in this process the model would then compute in half precision what its saved copy, reloaded without the
+    wrapper, computes otherwise (0.004 in the logits of a small model), and a reload check would fail on a
+    GPU. A model without the wrapper is returned as it is.
+
+    Usage: trainer.train(); model = plain_forward(trainer.model)
+    """
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_fp32_wrapper=False)
+
+
 def describe_registry() -> str:
     """One line per registry model, for notebooks and error messages."""
     return "\n".join(f"{name:<24} {entry.description}" for name, entry in REGISTRY.items())

@@ -14,7 +14,7 @@ from trl import SFTConfig, SFTTrainer
 from ftnb import env, saved
 from ftnb.data import DataError
 from ftnb.tasks import formats, sft
-from ftnb.models import load_model, load_tokenizer
+from ftnb.models import load_model, load_tokenizer, plain_forward
 
 LEGAL = ("Plain English: You pay a $500 deposit. It comes back within 30 days.\n"
          "Your obligations:\n- Pay the deposit.\nWatch out for:\n- Deductions for damage.")
@@ -127,13 +127,13 @@ def test_too_long_examples_are_reported_or_raise(tok, capsys):
         sft.build_sft_dataset(ROWS, tok, limit, on_too_long="raise")
 
 
-def _trainer(model_path, tok, packing: bool, tmp_path):
+def _trainer(model_path, tok, packing: bool, tmp_path, precision: torch.dtype | None = None):
     model = load_model(model_path, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     data, _ = sft.build_sft_dataset(ROWS * 2, tok, 512)
     args = SFTConfig(output_dir=str(tmp_path), max_length=512, packing=packing, completion_only_loss=True,
                      max_steps=1, per_device_train_batch_size=2, report_to="none", save_strategy="no",
-                     disable_tqdm=True, **env.precision_flags())
+                     disable_tqdm=True, **env.precision_flags(precision))
     return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
 
 
@@ -145,6 +145,20 @@ def test_trl_dataset_passes_guards(tiny_model_path, tok, packing, tmp_path):
     first = trainer.train_dataset[0]
     n = (first.get("seq_lengths") or [len(first["input_ids"])])[0]
     assert sft.check_same_template(tok, ROWS, training_ids=first["input_ids"][:n])["id"] in {"l1", "m1", "t1"}
+
+
+def test_a_model_trained_in_half_precision_computes_what_its_reload_computes(tiny_model_path, tok, tmp_path):
+    """A Trainer in bf16 (fp16 on a T4) leaves the model's forward in autocast; ftnb.models.plain_forward removes
+    it, and the trained model then gives the logits its saved adapter gives when reloaded (recipe 02's check)."""
+    trainer = _trainer(tiny_model_path, tok, packing=False, tmp_path=tmp_path, precision=torch.bfloat16)
+    trainer.train()
+    in_autocast = sft.next_token_logits(trainer.model, tok, ROWS)
+    model = plain_forward(trainer.model)
+    sft.save_generator(model, tok, tmp_path / "adapter", base_model="tiny-llama-test")
+    reloaded = saved.load(tmp_path / "adapter")
+    again = sft.next_token_logits(reloaded.model, reloaded.tokenizer, ROWS, reloaded.system)
+    assert (sft.next_token_logits(model, tok, ROWS) - again).abs().max() < 1e-5
+    assert (in_autocast - again).abs().max() > 1e-4  # what the wrapper changed: a reload check would fail
 
 
 def _tokenized(tok, row=ROWS[0]):

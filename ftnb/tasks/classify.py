@@ -21,13 +21,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from accelerate.utils import extract_model_from_parallel
 from datasets import Dataset
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from transformers import Trainer
 
 from ftnb.data import dataset_folder, read_labels
 from ftnb.inference import left_pad
+from ftnb.models import plain_forward
 
 Record = dict | str
 ZERO_SHOT_FILE = "zero_shot_prompt.txt"
@@ -471,9 +471,8 @@ class Classifier:
     def __init__(self, model, tokenizer, labels: Sequence[str], base_model: str, max_length: int = 256,
                  label_field: str = "category", text_fields: Sequence[str] = ("subject", "body"),
                  batch_size: int = 16):
-        # a Trainer with bf16 or fp16 wraps the model's forward in autocast and leaves it wrapped: undone here,
-        # so this object predicts exactly as its saved copy will after ftnb.saved.load (which has no wrapper)
-        self.model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+        # without a Trainer's autocast wrapper: this object predicts exactly as its copy from ftnb.saved.load will
+        self.model = plain_forward(model)
         self.tokenizer, self.labels = tokenizer, list(labels)
         self.base_model, self.max_length, self.label_field = base_model, max_length, label_field
         self.text_fields, self.batch_size = list(text_fields), batch_size

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from ftnb.models import plain_forward
 from ftnb.tasks.classify import (Record, WeightedTrainer, _as_list, class_weights, encode, evaluate, label_ids,
                                  predict_logits, record_text, saved_head_name)
 
@@ -172,7 +173,8 @@ class MultiHeadClassifier:
         if heads[-1].rows[1] != rows:
             raise ValueError(f"the heads cover {heads[-1].rows[1]} rows but the model's score layer has {rows}: "
                              f"load the model with **model_labels(heads)")
-        self.model, self.tokenizer, self.heads = model, tokenizer, list(heads)
+        # without a Trainer's autocast wrapper: this object predicts exactly as its copy from ftnb.saved.load will
+        self.model, self.tokenizer, self.heads = plain_forward(model), tokenizer, list(heads)
         self.base_model, self.max_length = base_model, max_length
         self.text_fields, self.batch_size = list(text_fields), batch_size
 
