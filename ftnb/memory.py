@@ -2,11 +2,12 @@
 causal-LM loss computed in chunks, which never holds the full-vocabulary logits.
 
 Usage:
-    from ftnb.memory import probe, PROBES, footprint, MemoryCallback, chunked_causal_lm_loss, release_memory
+    from ftnb.memory import probe, PROBES, footprint, MemoryCallback, HeapTrimCallback, release_memory
+    from ftnb.memory import chunked_causal_lm_loss
     with probe("load nf4"):
         model = load_model("smollm2-135m-instruct", quantization="nf4")
     print(footprint(model))
-    trainer = Trainer(..., callbacks=[MemoryCallback()])
+    trainer = Trainer(..., callbacks=[MemoryCallback(), HeapTrimCallback()])
     PROBES              # every probe so far; renders as a table in a notebook
     PROBES.highest()    # the probe with the highest peak
     del model, trainer
@@ -188,15 +189,29 @@ def _fold_peaks() -> None:
         p.accel_peak = (max(p.accel_peak[0], alloc), max(p.accel_peak[1], reserved))
 
 
+_lifetime_rss_peak = 0  # the largest RSS high-water mark of the peak windows already reset
+
+
 def reset_peak() -> None:
     """Start a new peak window, after folding the current peak into every open probe."""
+    global _lifetime_rss_peak
     _fold_peaks()
+    _lifetime_rss_peak = max(_lifetime_rss_peak, _rss_peak())
     if _USE_KERNEL_HWM:
         _CLEAR_REFS.write_text("5")
     if _device() == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if not _USE_KERNEL_HWM or _device() == "mps":
         _get_sampler().reset()
+
+
+def process_peak_rss_mib() -> float:
+    """Peak resident memory of this process since it started, in MiB: what an 8 GB laptop has to hold,
+    whether or not the code that reached it ran inside a probe (child processes not included).
+
+    Usage: print(f"peak {process_peak_rss_mib():.0f} MiB")
+    """
+    return max(_lifetime_rss_peak, _rss_peak()) / MIB
 
 
 def current_peak_mib() -> dict[str, float]:
@@ -215,6 +230,15 @@ def _libc_malloc_trim():
 _MALLOC_TRIM = _libc_malloc_trim()
 
 
+def trim_heap() -> None:
+    """Return the C heap's free pages to the operating system (glibc's malloc_trim; a no-op elsewhere).
+
+    Usage: trim_heap()   (after a step has freed its activations)
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def release_memory() -> None:
     """Give the memory of objects already deleted back to the operating system: collect reference
     cycles, then return the C heap's free pages (glibc's malloc_trim) and the CUDA cache. Without
@@ -224,8 +248,7 @@ def release_memory() -> None:
     Usage: del model; release_memory()
     """
     gc.collect()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    trim_heap()
     if _device() == "cuda":
         torch.cuda.empty_cache()
 
@@ -450,3 +473,22 @@ class MemoryCallback(TrainerCallback):
         import pandas as pd
 
         return pd.DataFrame(self.history)
+
+
+class HeapTrimCallback(TrainerCallback):
+    """Trim the C heap after every optimizer step and evaluation, so that resident memory follows what
+    training holds rather than what it once held.
+
+    Why: on a CPU each step frees its activations and full-vocabulary logits into glibc's heap, whose
+    pages stay resident; with packed rows of changing length the next step rarely fits the same holes,
+    and the heap grows over an epoch (recipe 02: 4.3 GB after 40 steps, 5.5 GB after 142). The trim
+    costs a few milliseconds per step; on a GPU it changes little, the tensors live in device memory.
+
+    Usage: Trainer(..., callbacks=[HeapTrimCallback()])
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trim_heap()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        trim_heap()

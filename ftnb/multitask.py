@@ -33,7 +33,6 @@ task's adapter. An unknown task name is an error that lists the loaded tasks, ne
 from __future__ import annotations
 
 import copy
-import gc
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -442,14 +441,14 @@ def _common_decoding(tasks: list[Task], overrides: dict) -> dict:
 def loading_memory(folders: Mapping[str, str | Path], use: Callable[[str, object], None] | None = None) -> dict:
     """MiB held after loading (RSS on a CPU, allocated accelerator memory on a GPU; ftnb.memory
     probes, in this process): all folders on one base with MultiTaskModel, then, after freeing it,
-    every folder with its own saved.load (each its own base). In this order memory freed by an
-    earlier load can only make the separate models look smaller, never the shared base.
-    `use(name, loaded)` is called with each separately loaded model once all are measured, before
-    they are freed (to compare their outputs without loading them again).
+    every folder with its own saved.load (each its own base), all alive together. In this order memory
+    freed by an earlier load can only make the separate models look smaller, never the shared base.
+    `use(name, loaded)` is then called with each folder loaded alone again, one at a time (to compare its
+    outputs): with all N models alive, what `use` computes would sit on top of N bases.
 
     Usage: m = loading_memory({"category": a, "legal": b}); m["shared_mib"] / min(m["per_model_mib"].values())
     """
-    from ftnb.memory import probe
+    from ftnb.memory import probe, release_memory
 
     def held(record) -> float:
         return record.accel_end_delta_mib if record.accel_end_delta_mib is not None else record.rss_end_delta_mib
@@ -457,17 +456,20 @@ def loading_memory(folders: Mapping[str, str | Path], use: Callable[[str, object
     with probe(f"{len(folders)} tasks on one base (MultiTaskModel)") as shared:
         model = MultiTaskModel.from_folders(folders)
     del model
-    gc.collect()
+    release_memory()
     separate, per_model = {}, {}
     with probe(f"{len(folders)} saved models, each on its own base") as all_separate:
         for name, folder in folders.items():
             with probe(f"saved.load {name}") as one:
                 separate[name] = saved.load(folder)
             per_model[name] = held(one)
-    for name, loaded in separate.items():
-        if use is not None:
+    del separate
+    release_memory()
+    if use is not None:
+        for name, folder in folders.items():
+            loaded = saved.load(folder)
             use(name, loaded)
-    del separate, loaded
-    gc.collect()
+            del loaded
+            release_memory()
     return {"tasks": len(folders), "per_model_mib": per_model, "separate_mib": held(all_separate),
             "shared_mib": held(shared)}

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from ftnb.memory import PROBES, ProbeTable
+from ftnb.memory import PROBES, ProbeTable, process_peak_rss_mib
 
 TENSORBOARD_DIR = "tensorboard"  # inside a run folder: one subfolder of event files per training
 
@@ -29,12 +29,14 @@ def _jsonable(value):
 
 
 def save_metrics(output_dir: str | Path, metrics: dict, probes: ProbeTable | None = None) -> Path:
-    """Merge `metrics` and the probe table into output_dir/metrics.json and return its path."""
+    """Merge `metrics`, the probe table and this process's peak resident memory so far
+    (`process_peak_rss_mib`) into output_dir/metrics.json and return its path."""
     path = Path(output_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(path.read_text()) if path.exists() else {}
     merged.update(_jsonable(metrics))
     merged["probes"] = (PROBES if probes is None else probes).as_dicts()
+    merged["process_peak_rss_mib"] = process_peak_rss_mib()
     path.write_text(json.dumps(merged, indent=2))
     return path
 

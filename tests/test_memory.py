@@ -6,8 +6,9 @@ from contextlib import ExitStack, contextmanager
 import pytest
 import torch
 
-from ftnb.memory import MIB, ProbeTable, _rss, footprint, probe, release_memory
+from ftnb.memory import MIB, HeapTrimCallback, ProbeTable, _rss, footprint, probe, process_peak_rss_mib, release_memory
 from ftnb.models import load_model
+from ftnb.results import save_metrics
 
 SIZE_MIB = 256
 
@@ -37,16 +38,29 @@ def test_probe_measures_a_known_allocation_within_10_percent():
     assert rec.seconds >= 0.05
 
 
-def test_release_memory_hands_freed_heap_pages_back():
+@pytest.mark.parametrize("hand_back", [release_memory, lambda: HeapTrimCallback().on_step_end(None, None, None)],
+                         ids=["release_memory", "HeapTrimCallback"])
+def test_freed_heap_pages_are_handed_back(hand_back):
     # many 16 KiB tensors come from the C heap, not from mappings of their own; one allocated after them keeps
     # the top of the heap in use, so glibc cannot shrink the heap by itself and the freed pages stay resident
     blocks = [torch.ones(4096) for _ in range(16_000)]  # 250 MiB, every page written
     top = torch.ones(4096)
     del blocks
     freed = _rss()
-    release_memory()
+    hand_back()
     assert (freed - _rss()) / MIB > 0.5 * 250, "the freed tensors' pages are still resident"
     assert top.sum() == 4096  # still alive, and still valid
+
+
+def test_the_process_peak_outlives_later_peak_windows(tmp_path):
+    start = _rss() / MIB
+    with probe("large", ProbeTable()), _resident(SIZE_MIB):  # a probe starts a new peak window
+        pass
+    with probe("after", ProbeTable()):  # so does this one: the large block is no longer in its window
+        pass
+    assert process_peak_rss_mib() >= start + 0.9 * SIZE_MIB
+    recorded = json.loads(save_metrics(tmp_path, {"x": 1}).read_text())
+    assert recorded["process_peak_rss_mib"] >= start + 0.9 * SIZE_MIB and recorded["x"] == 1
 
 
 def test_highest_is_the_probe_with_the_highest_peak():

@@ -241,4 +241,6 @@ def test_notebook_runs_with_smoke_preset(notebook):
     assert (record["status"], record["exit_code"], record["preset"]) == ("ok", 0, "smoke")
     assert record["parameters"]["output_dir"] == str(result.run_dir)  # the notebook wrote where we look
     assert "env" in result.metrics and "probes" in result.metrics, "the notebook saved no metrics.json"
+    process_peak = result.metrics["process_peak_rss_mib"]  # covers what the probes saw, and what they did not
+    assert process_peak > 0 and process_peak >= max((p["rss_peak_mib"] for p in result.metrics["probes"]), default=0)
     METRIC_CHECKS.get(notebook.stem, lambda metrics: None)(result.metrics)
