@@ -6,6 +6,9 @@ max_length 128, grouped by length, padded to a multiple of 16 tokens; 02: TRL SF
 max_length 384, loss on the answers), then a plain fp32 matrix multiplication of the model's own
 layer shapes at the same token count. Achieved training FLOP/s, counted from the model's shapes,
 divided by that measured matmul throughput is the share of the machine's matmul speed training gets.
+Both recipes run without gradient checkpointing here. Recipe 02's cpu preset turns it on to stay under
+4 GB of memory: the forward pass computed again in the backward is extra work this share does not count
+as useful (the preset's own run gives its cost in time).
 
 FLOPs of one training step, per token unless said otherwise (frozen weights need no weight gradient):
   frozen linear W (in x out):   forward 2*in*out, input gradient dX = dY W: 2*in*out

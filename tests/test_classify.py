@@ -201,6 +201,33 @@ def test_zero_shot_wording_comes_from_the_data_folder(tmp_path):
         classify.zero_shot_prompt(tok, ["a"], {}, "Classify: {text}")
 
 
+def test_generative_examples_train_the_answer_that_zero_shot_scoring_reads(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from ftnb import env
+
+    tok = load_tokenizer("tiny-llama-test")
+    defs, template = read_labels("tickets")["category"], classify.zero_shot_template("tickets")
+    records = [{"subject": "Charged twice", "body": "Invoice INV-1 shows two charges", "category": "billing"},
+               {"subject": "Locked out", "body": "", "category": "account_access"}]
+    examples = classify.generative_examples(records, "category", LABELS, defs, template)
+    trainer = SFTTrainer(model=load_model("tiny-llama-test", dtype=torch.float32, tokenizer=tok),
+                         args=SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, max_length=1024,
+                                        report_to="none", **env.precision_flags(torch.float32)),
+                         train_dataset=examples, processing_class=tok)
+    prefix, suffix = classify.zero_shot_prompt(tok, LABELS, defs, template)
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for record, trained in zip(records, trainer.train_dataset):
+        scored_prompt = ids(prefix) + ids(classify.record_text(record) + suffix)  # what zero_shot_logliks runs
+        n = len(scored_prompt)
+        assert trained["input_ids"][:n] == scored_prompt and set(trained["labels"][:n]) == {-100}
+        answer = classify._label_token_ids(tok, [record["category"]])[0]  # the label's tokens, then end of turn
+        assert trained["input_ids"][n:n + len(answer)] == answer == trained["labels"][n:n + len(answer)]
+    with pytest.raises(ValueError, match="'vip' of 't1' is not one of"):
+        classify.generative_examples([{"id": "t1", "subject": "a", "body": "b", "category": "vip"}], "category",
+                                     LABELS, defs, template)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 4-bit tiny Llama with a LoRA + score head, trained a few steps with class weights."""

@@ -1,5 +1,6 @@
 """Sequence classification for any labels and text fields: text formatting, labels, metrics,
-calibration, zero-shot scoring, a weighted-loss Trainer, and the saved classifier.
+calibration, zero-shot scoring and generative classification's training data, a weighted-loss Trainer,
+and the saved classifier.
 
 Usage:
     from ftnb.tasks.classify import Classifier, record_text, labels_for, tokenize_split, evaluate
@@ -37,6 +38,8 @@ ZERO_SHOT_TEMPLATE = ("Classify the text into exactly one of these labels.\n{lab
 
 # Characters kept before tokenizing: a 1 MB pasted log costs seconds to tokenize for nothing.
 _CHARS_PER_TOKEN_CAP = 12
+# Characters of a text that zero-shot scoring (and generative training) reads.
+ZERO_SHOT_TEXT_CHARS = 4000
 
 
 # ---------------------------------------------------------------- text and labels
@@ -327,19 +330,52 @@ def zero_shot_template(data_folder: str | Path) -> str:
     return path.read_text(encoding="utf-8").rstrip() if path.exists() else ZERO_SHOT_TEMPLATE
 
 
-def zero_shot_prompt(tokenizer, labels: Sequence[str], definitions: dict[str, str],
-                     template: str = ZERO_SHOT_TEMPLATE) -> tuple[str, str]:
-    """(prefix, suffix template) of the chat prompt; the text goes between them. The prefix
-    (instructions and definitions) is the same for every text, so it is computed once.
-    `template` holds {labels} (one "- label: definition" line each) and {text}, once each."""
+def zero_shot_question(text: str, labels: Sequence[str], definitions: dict[str, str],
+                       template: str = ZERO_SHOT_TEMPLATE) -> str:
+    """The user message asking for `text`'s label: `template` with {labels} (one "- label: definition"
+    line each) and {text} filled in, once each.
+
+    Usage: zero_shot_question("I was charged twice", labels, read_labels("tickets")["category"])
+    """
     if template.count("{labels}") != 1 or template.count("{text}") != 1:
         raise ValueError(f"a zero-shot template needs {{labels}} and {{text}} exactly once each; got {template!r:.200}")
     lines = "\n".join(f"- {label}: {definitions.get(label, '')}".rstrip(": ") for label in labels)
-    user = template.replace("{labels}", lines).replace("{text}", _MARK)
+    return template.replace("{labels}", lines).replace("{text}", text)
+
+
+def zero_shot_prompt(tokenizer, labels: Sequence[str], definitions: dict[str, str],
+                     template: str = ZERO_SHOT_TEMPLATE) -> tuple[str, str]:
+    """(prefix, suffix template) of the chat prompt; the text goes between them. The prefix
+    (instructions and definitions) is the same for every text, so it is computed once."""
+    user = zero_shot_question(_MARK, labels, definitions, template)
     text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                          add_generation_prompt=True)
     prefix, suffix = text.split(_MARK)
     return prefix, suffix
+
+
+def generative_examples(records: Iterable[dict], label_field: str, labels: Sequence[str],
+                        definitions: dict[str, str], template: str = ZERO_SHOT_TEMPLATE,
+                        text_fields: Sequence[str] = ("subject", "body")) -> Dataset:
+    """Generative classification's training data: each record as a chat prompt/completion pair, the
+    zero-shot question (label definitions included) answered by the record's label word. Trained with
+    TRL's SFTTrainer and `completion_only_loss=True`, the model learns the very answer that
+    zero_shot_scores reads, so the same scorer gives the tuned model's probabilities over every label,
+    and the model starts from what it already knows about the label words.
+
+    Usage: train = generative_examples(ds["train"], "category", labels, definitions, zero_shot_template("tickets"))
+           SFTTrainer(model=lm, args=SFTConfig(completion_only_loss=True, ...), train_dataset=train)
+    """
+    examples = []
+    for record in records:
+        label = record[label_field]
+        if label not in labels:
+            raise ValueError(f"label {label!r} of {record.get('id', record)!r:.80} is not one of {list(labels)}")
+        text = record_text(record, text_fields)[:ZERO_SHOT_TEXT_CHARS]  # as zero_shot_logliks cuts it
+        question = zero_shot_question(text, labels, definitions, template)
+        examples.append({"prompt": [{"role": "user", "content": question}],
+                         "completion": [{"role": "assistant", "content": label}]})
+    return Dataset.from_list(examples)
 
 
 ZERO_SHOT_NORMALIZATIONS = ("sum", "mean")
@@ -415,7 +451,7 @@ def zero_shot_logliks(model, tokenizer, texts: list[str], labels: list[str], def
     cache.batch_repeat_interleave(rows)
     out = np.zeros((len(texts), len(labels)))
     for start in range(0, len(texts), batch_size):
-        chunk = [tok(t[:4000] + suffix) for t in texts[start:start + batch_size]]
+        chunk = [tok(t[:ZERO_SHOT_TEXT_CHARS] + suffix) for t in texts[start:start + batch_size]]
         b, width = len(chunk), max(map(len, chunk))
         if b < rows:  # the last, shorter batch
             cache.batch_select_indices(torch.arange(b, device=device))
