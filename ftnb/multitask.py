@@ -440,11 +440,11 @@ def _common_decoding(tasks: list[Task], overrides: dict) -> dict:
 # ---------------------------------------------------------------- memory, measured
 def loading_memory(folders: Mapping[str, str | Path], use: Callable[[str, object], None] | None = None) -> dict:
     """MiB held after loading (RSS on a CPU, allocated accelerator memory on a GPU; ftnb.memory
-    probes, in this process): all folders on one base with MultiTaskModel, then, after freeing it,
-    every folder with its own saved.load (each its own base), all alive together. In this order memory
-    freed by an earlier load can only make the separate models look smaller, never the shared base.
-    `use(name, loaded)` is then called with each folder loaded alone again, one at a time (to compare its
-    outputs): with all N models alive, what `use` computes would sit on top of N bases.
+    probes, in this process): all folders on one base with MultiTaskModel, then, after freeing it, each
+    folder with its own saved.load (its own base), one at a time: loaded, measured, handed to
+    `use(name, loaded)` (to compare its outputs), freed. N separate models hold the sum of what each holds
+    alone; loading them one at a time keeps this function at one model's memory, not N. Memory freed by an
+    earlier load can only make the separate models look smaller, never the shared base.
 
     Usage: m = loading_memory({"category": a, "legal": b}); m["shared_mib"] / min(m["per_model_mib"].values())
     """
@@ -457,19 +457,14 @@ def loading_memory(folders: Mapping[str, str | Path], use: Callable[[str, object
         model = MultiTaskModel.from_folders(folders)
     del model
     release_memory()
-    separate, per_model = {}, {}
-    with probe(f"{len(folders)} saved models, each on its own base") as all_separate:
-        for name, folder in folders.items():
-            with probe(f"saved.load {name}") as one:
-                separate[name] = saved.load(folder)
-            per_model[name] = held(one)
-    del separate
-    release_memory()
-    if use is not None:
-        for name, folder in folders.items():
+    per_model = {}
+    for name, folder in folders.items():
+        with probe(f"saved.load {name}") as one:
             loaded = saved.load(folder)
+        per_model[name] = held(one)
+        if use is not None:
             use(name, loaded)
-            del loaded
-            release_memory()
-    return {"tasks": len(folders), "per_model_mib": per_model, "separate_mib": held(all_separate),
+        del loaded
+        release_memory()
+    return {"tasks": len(folders), "per_model_mib": per_model, "separate_mib": sum(per_model.values()),
             "shared_mib": held(shared)}
