@@ -14,7 +14,7 @@ differences. `--ood` also scores the out-of-distribution tickets (`data/tickets_
 every setting is fixed, since reading them to choose anything would make them a second validation set.
 
 Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/generative_classification.py --train-limit 320
-       (writes benchmarks/generative_classification.json; 2 cores: about 20 min at 320 tickets)
+       (writes benchmarks/generative_classification.json; about 45 min on 2 cores at 320 tickets)
 """
 from __future__ import annotations
 
