@@ -182,21 +182,22 @@ class _Open:
 _open_probes: list[_Open] = []
 
 
+_lifetime_rss_peak = 0  # the largest RSS high-water mark of the peak windows already reset
+
+
 def _fold_peaks() -> None:
+    """Fold the current window's peak into every open probe and into the process's lifetime peak."""
+    global _lifetime_rss_peak
     rss, (alloc, reserved) = _rss_peak(), _accel_peak()
+    _lifetime_rss_peak = max(_lifetime_rss_peak, rss)
     for p in _open_probes:
         p.rss_peak = max(p.rss_peak, rss)
         p.accel_peak = (max(p.accel_peak[0], alloc), max(p.accel_peak[1], reserved))
 
 
-_lifetime_rss_peak = 0  # the largest RSS high-water mark of the peak windows already reset
-
-
 def reset_peak() -> None:
     """Start a new peak window, after folding the current peak into every open probe."""
-    global _lifetime_rss_peak
     _fold_peaks()
-    _lifetime_rss_peak = max(_lifetime_rss_peak, _rss_peak())
     if _USE_KERNEL_HWM:
         _CLEAR_REFS.write_text("5")
     if _device() == "cuda":
