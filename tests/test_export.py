@@ -121,10 +121,21 @@ def test_merged_classifier_predicts_like_the_adapter(classifier_dir, tmp_path):
 
 
 def test_time_generation_forces_the_length_it_reports(exports, prompts):
-    rows = export.time_generation(export.CTranslate2Engine.load(exports["ct2-int8"]), prompts, [1, 2], new_tokens=3,
-                                  repeats=1)
+    engine = export.CTranslate2Engine.load(exports["ct2-int8"])
+    lengths = []  # tokens each timed call returned per prompt: the rows' rates assume exactly new_tokens
+
+    def recording_greedy(batch, max_new_tokens, min_new_tokens=0):
+        outputs = type(engine).greedy(engine, batch, max_new_tokens, min_new_tokens)
+        lengths.append((max_new_tokens, [len(o) for o in outputs]))
+        return outputs
+
+    engine.greedy = recording_greedy
+    rows = export.time_generation(engine, prompts, [1, 2], new_tokens=3, repeats=1)
     assert [r["batch"] for r in rows] == [1, 2]
-    assert all(0 < r["ttft_s"] < r["seconds"] and r["tokens_per_s"] > 0 for r in rows)
+    assert all(r["ttft_s"] > 0 and r["seconds"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    # wall-clock order (ttft < total) is noise at 3 tokens; the lengths are what makes the rates true
+    assert all(got == [asked] * len(got) for asked, got in lengths) and {asked for asked, _ in lengths} == {1, 3}
+    assert rows[1]["tokens_per_s"] == pytest.approx(2 * 3 / rows[1]["seconds"])
     assert rows[1]["requests_per_s"] == pytest.approx(2 / rows[1]["seconds"])
 
 
