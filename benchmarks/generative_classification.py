@@ -28,9 +28,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
-from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.pipeline import make_pipeline  # noqa: E402
 from transformers import DataCollatorWithPadding, TrainingArguments  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
@@ -88,35 +85,22 @@ def generative_probabilities(model, tokenizer, texts: dict[str, list[str]], labe
     lengths = classify.zero_shot_label_lengths(tokenizer, labels)
     logliks = {split: classify.zero_shot_logliks(model, tokenizer, t, labels, definitions, batch_size=16,
                                                  template=template) for split, t in texts.items()}
-    f1 = {n: classify.evaluate(truth, predicted(classify.zero_shot_probabilities(logliks["validation"], lengths, n),
-                                                labels), labels)["macro_f1"] for n in classify.ZERO_SHOT_NORMALIZATIONS}
-    normalize = max(f1, key=f1.get)
+    normalize, _ = classify.best_zero_shot_normalization(logliks["validation"], lengths, truth, labels)
     return {split: classify.zero_shot_probabilities(ll, lengths, normalize) for split, ll in logliks.items()}, normalize
 
 
-def predicted(probabilities: np.ndarray, labels: list[str]) -> list[str]:
-    return [labels[i] for i in probabilities.argmax(1)]
-
-
 def tfidf_probabilities(train_rows, texts: dict[str, list[str]], truth: list[str], labels) -> tuple[dict, float]:
-    """TF-IDF + logistic regression as recipe 01 fits it, C chosen on validation macro-F1."""
-    train_texts = [classify.record_text(r) for r in train_rows]
-
-    def fit(c: float):
-        pipe = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-                             LogisticRegression(C=c, max_iter=2000, class_weight="balanced"))
-        return pipe.fit(train_texts, train_rows[LABEL_FIELD])
-
-    fitted = {c: fit(c) for c in C_GRID}
-    score = {c: classify.evaluate(truth, list(p.predict(texts["validation"])), labels)["macro_f1"] for c, p in fitted.items()}
-    best = max(score, key=score.get)
-    order = [list(fitted[best].classes_).index(label) for label in labels]
-    return {split: fitted[best].predict_proba(t)[:, order] for split, t in texts.items()}, float(best)
+    """TF-IDF + logistic regression as recipe 01 fits it with class_weighting on (balanced class weights, like
+    the head's loss here), C chosen on validation."""
+    tfidf, _ = classify.fit_tfidf([classify.record_text(r) for r in train_rows], train_rows[LABEL_FIELD],
+                                  texts["validation"], truth, labels, C_GRID, class_weight="balanced")
+    return ({split: classify.sklearn_probabilities(tfidf, t, labels) for split, t in texts.items()},
+            float(tfidf[-1].C))
 
 
 def compare(probabilities: dict[str, np.ndarray], truth: list[str], labels) -> dict:
     """Macro-F1 with its interval per method, and the paired differences of each fine-tune to the others."""
-    preds = {name: predicted(p, labels) for name, p in probabilities.items()}
+    preds = {name: classify.predicted_labels(p, labels) for name, p in probabilities.items()}
     table = {name: stats.macro_f1_interval(truth, p, labels).as_dict() for name, p in preds.items()}
     pairs = [("generative", other) for other in preds if other != "generative"] + [("head", "TF-IDF")]
     differences = {f"{a} - {b}": stats.paired_bootstrap_difference(stats.macro_f1(labels), truth, preds[a], preds[b])

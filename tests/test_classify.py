@@ -308,3 +308,27 @@ def test_blend_and_weights_reject_what_does_not_fit():
         classify.blend({"a": p, "b": p[:3]}, {"a": 0.5, "b": 0.5})
     with pytest.raises(ValueError, match="step must divide 1"):
         classify.ensemble_weights({"a": p}, [0, 1, 0, 1], step=0.3)
+
+
+def test_tfidf_baseline_keeps_the_best_validation_c_and_answers_in_our_label_order():
+    labels = ["zeta", "alpha"]  # not alphabetical: scikit-learn's own column order would be alpha, zeta
+    train = ["refund my money", "money back please", "refund the charge", "I want a refund", "refund refund",
+             "return my money", "reset my password", "password reset link"]
+    y_train = ["zeta"] * 6 + ["alpha"] * 2  # a C this small predicts the majority label for everything
+    val, y_val = ["money refund now", "forgot my password"], ["zeta", "alpha"]
+    tfidf, f1_by_c = classify.fit_tfidf(train, y_train, val, y_val, labels, [1e-6, 10.0, 100.0])
+    assert f1_by_c[1e-6] < 0.5 and f1_by_c[10.0] == f1_by_c[100.0] == 1.0
+    assert tfidf[-1].C == 10.0  # the best score, and among equals the smaller C: the more regularised
+    probs = classify.sklearn_probabilities(tfidf, val, labels)
+    assert np.allclose(probs.sum(1), 1) and classify.predicted_labels(probs, labels) == ["zeta", "alpha"]
+    assert probs[0, 0] > 0.5 and probs[1, 1] > 0.5
+
+
+def test_zero_shot_normalization_is_chosen_by_the_labels_it_is_given():
+    lengths = [1, 4]  # "a" is one token, "bb" four: summing penalises "bb"
+    logliks = np.array([[-2.0, -4.0]] * 3)  # summed "a" wins (-2 > -4); per token "bb" wins (-1 > -2)
+    assert classify.best_zero_shot_normalization(logliks, lengths, ["bb"] * 3, ["a", "bb"])[0] == "mean"
+    normalize, f1 = classify.best_zero_shot_normalization(logliks, lengths, ["a"] * 3, ["a", "bb"])
+    assert normalize == "sum" and f1["sum"] > f1["mean"]
+    normalize, f1 = classify.best_zero_shot_normalization(np.array([[-1.0, -8.0]]), lengths, ["a"], ["a", "bb"])
+    assert normalize == "sum" and f1["sum"] == f1["mean"]  # both right: a tie keeps the plain sum

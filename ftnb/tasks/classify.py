@@ -1,6 +1,6 @@
 """Sequence classification for any labels and text fields: text formatting, labels, metrics,
-calibration, zero-shot scoring and generative classification's training data, a weighted-loss Trainer,
-and the saved classifier.
+calibration, the TF-IDF baseline, zero-shot scoring and generative classification's training data, a
+weighted-loss Trainer, and the saved classifier.
 
 Usage:
     from ftnb.tasks.classify import Classifier, record_text, labels_for, tokenize_split, evaluate
@@ -23,7 +23,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from datasets import Dataset
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.pipeline import make_pipeline
 from transformers import Trainer
 
 from ftnb.data import dataset_folder, read_labels
@@ -204,6 +207,41 @@ def evaluate(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]
             "macro_f1": float(f1_score(y_true, y_pred, labels=list(labels), average="macro", zero_division=0)),
             "per_class": {lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                                 "support": int(s[i])} for i, lab in enumerate(labels)}}
+
+
+def predicted_labels(probabilities: np.ndarray, labels: Sequence[str]) -> list[str]:
+    """The most probable label of each row (columns in `labels` order).
+
+    Usage: predicted_labels(clf.probabilities(test), labels)
+    """
+    return [labels[i] for i in np.asarray(probabilities).argmax(1)]
+
+
+def sklearn_probabilities(estimator, texts: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """A fitted scikit-learn classifier's probabilities with columns in `labels` order (scikit-learn
+    sorts its classes alphabetically).
+
+    Usage: sklearn_probabilities(tfidf, test_texts, labels)
+    """
+    return estimator.predict_proba(list(texts))[:, [list(estimator.classes_).index(label) for label in labels]]
+
+
+def fit_tfidf(train_texts: Sequence[str], train_labels: Sequence[str], val_texts: Sequence[str],
+              val_labels: Sequence[str], labels: Sequence[str], c_grid: Sequence[float],
+              class_weight: str | None = None) -> tuple:
+    """TF-IDF (word uni- and bigrams, sublinear term frequency) + logistic regression, fitted at every
+    regularisation strength C of `c_grid`; the one with the best validation macro-F1 is returned (the
+    smallest C among equals: the most regularised), with every C's validation macro-F1.
+
+    Usage: tfidf, f1_by_c = fit_tfidf(train_texts, y_train, val_texts, y_val, labels, np.logspace(-1, 4, 6))
+    """
+    fitted, f1_by_c = {}, {}
+    for c in c_grid:
+        fitted[c] = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                                  LogisticRegression(C=c, max_iter=2000, class_weight=class_weight)
+                                  ).fit(list(train_texts), list(train_labels))
+        f1_by_c[c] = evaluate(val_labels, list(fitted[c].predict(list(val_texts))), labels)["macro_f1"]
+    return fitted[max(f1_by_c, key=f1_by_c.get)], f1_by_c
 
 
 def _confidence_bins(probs: np.ndarray, correct: np.ndarray, n_bins: int):
@@ -426,6 +464,19 @@ def zero_shot_probabilities(logliks: np.ndarray, label_lengths: Sequence[int], n
     return torch.softmax(scores, -1).numpy()
 
 
+def best_zero_shot_normalization(logliks: np.ndarray, label_lengths: Sequence[int], truth: Sequence[str],
+                                 labels: Sequence[str]) -> tuple[str, dict[str, float]]:
+    """The normalisation of zero_shot_probabilities with the higher macro-F1 against `truth` (validation
+    labels, never test), "sum" on a tie, and each normalisation's macro-F1.
+
+    Usage: normalize, f1 = best_zero_shot_normalization(val_logliks, lengths, val["category"], labels)
+    """
+    f1 = {normalize: evaluate(truth, predicted_labels(zero_shot_probabilities(logliks, label_lengths, normalize),
+                                                      labels), labels)["macro_f1"]
+          for normalize in ZERO_SHOT_NORMALIZATIONS}
+    return max(f1, key=f1.get), f1
+
+
 @torch.no_grad()
 def zero_shot_logliks(model, tokenizer, texts: list[str], labels: list[str], definitions: dict[str, str],
                       batch_size: int = 8, template: str = ZERO_SHOT_TEMPLATE) -> np.ndarray:
@@ -525,7 +576,7 @@ class Classifier:
 
     def predict(self, records: Sequence[Record]) -> list[str]:
         """The most probable label per record."""
-        return [self.labels[i] for i in self.probabilities(_as_list(records)).argmax(1)]
+        return predicted_labels(self.probabilities(_as_list(records)), self.labels)
 
     def save(self, path: str | Path) -> Path:
         """Adapter (LoRA weights and the trained head) or full model, tokenizer, and the

@@ -34,7 +34,7 @@ from datasets import Dataset
 
 from ftnb.models import plain_forward
 from ftnb.tasks.classify import (Record, WeightedTrainer, _as_list, class_weights, encode, evaluate, label_ids,
-                                 predict_logits, record_text, saved_head_name)
+                                 predict_logits, predicted_labels, record_text, saved_head_name)
 
 
 @dataclass(frozen=True)
@@ -147,8 +147,7 @@ def trainer_metrics(heads: Sequence[Head]) -> Callable[..., dict[str, float]]:
         out = {}
         for k, h in enumerate(heads):
             truth = [h.labels[i] for i in np.asarray(rows)[:, k] - h.rows[0]]
-            predicted = [h.labels[i] for i in np.asarray(logits)[:, h.slice].argmax(1)]
-            scores = evaluate(truth, predicted, h.labels)
+            scores = evaluate(truth, predicted_labels(np.asarray(logits)[:, h.slice], h.labels), h.labels)
             out[f"{h.label_field}_accuracy"], out[f"{h.label_field}_macro_f1"] = scores["accuracy"], scores["macro_f1"]
         out["macro_f1"] = float(np.mean([out[f"{h.label_field}_macro_f1"] for h in heads]))
         return out
@@ -193,7 +192,7 @@ class MultiHeadClassifier:
     def predict(self, records: Sequence[Record]) -> list[dict[str, str]]:
         """The most probable label of every head, per record: [{label_field: label}]."""
         probs = self.probabilities(records)
-        by_head = {h.label_field: [h.labels[i] for i in probs[h.label_field].argmax(1)] for h in self.heads}
+        by_head = {h.label_field: predicted_labels(probs[h.label_field], h.labels) for h in self.heads}
         return [dict(zip(by_head, labels)) for labels in zip(*by_head.values())]
 
     def head(self, label_field: str) -> Head:
