@@ -42,6 +42,31 @@ def checkpoint_step(checkpoint: str | Path | None) -> int:
     return int(Path(checkpoint).name.split("-")[1]) if checkpoint else -1
 
 
+def largest_difference(state_a, state_b) -> float:
+    """The largest absolute difference between two states made of tensors: a safetensors file's dict, or
+    an optimizer's state nested to any depth (bitsandbytes keeps its 8-bit moments and their block scales
+    one level down). Both must hold the same tensors under the same keys; 0.0 means bit for bit.
+
+    Usage: largest_difference(torch.load(a / "optimizer.pt"), torch.load(b / "optimizer.pt"))
+    """
+    a, b = _tensors_in(state_a), _tensors_in(state_b)
+    if a.keys() != b.keys() or not a:
+        raise ValueError(f"the two states hold different tensors ({len(a)} and {len(b)}; "
+                         f"only in one: {sorted(map(str, a.keys() ^ b.keys()))[:5]})")
+    return max((a[path].float() - b[path].float()).abs().max().item() for path in a)
+
+
+def _tensors_in(state, path: tuple = ()) -> dict:
+    """Every tensor in a nested state, by its path of keys."""
+    import torch  # here, not at the top: the runner imports this module and must not load torch
+
+    if torch.is_tensor(state):
+        return {path: state}
+    if isinstance(state, dict):
+        return {found: t for key, value in state.items() for found, t in _tensors_in(value, (*path, key)).items()}
+    return {}
+
+
 def data_order_callback():
     """A TrainerCallback that makes a resumed epoch see its batches in the uninterrupted run's order.
 
