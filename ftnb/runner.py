@@ -313,16 +313,18 @@ def core_shares(parts: int) -> list[set[int] | None]:
             for i in range(parts)]
 
 
-def start_run(notebook: str | Path, *options: str, log: Path, cores: set[int] | None = None) -> subprocess.Popen:
+def start_run(notebook: str | Path, *options: str, log: Path, cores: set[int] | None = None,
+              progress_to_terminal: bool = False) -> subprocess.Popen:
     """`python -m ftnb run NOTEBOOK OPTIONS...` in the background, its output appended to `log` (a pipe nobody
     reads could fill up and stall it), pinned to `cores` where given: its kernel inherits them and
     ftnb.env.setup gives torch a thread per core, so runs pinned to shares of the same size compute alike.
+    `progress_to_terminal` leaves its stderr (the progress line) on this process's terminal instead.
 
     Usage: run = start_run("01", "--preset", "smoke", "--output-dir", "out", log=Path("out.log")); run.wait()
     """
     with open(log, "a") as output:  # the child keeps its own copy of the file
         run = subprocess.Popen([sys.executable, "-m", "ftnb", "run", str(notebook), *options],
-                               stdout=output, stderr=subprocess.STDOUT)
+                               stdout=output, stderr=None if progress_to_terminal else subprocess.STDOUT)
     if cores:  # before its kernel starts: the runner imports for a second first
         os.sched_setaffinity(run.pid, cores)
     return run

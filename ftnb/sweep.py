@@ -27,12 +27,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import queue
 import re
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +37,7 @@ from pathlib import Path
 import yaml
 
 from ftnb.runner import (UsageError, _refuse_if_still_running, core_shares, find_notebook, read_run_record,
-                         resolve_parameters)
+                         resolve_parameters, start_run)
 
 RESULTS_TABLE = "results.csv"
 ATTEMPTS_DIR = "attempts"
@@ -195,13 +192,13 @@ def _core_slots(jobs: int) -> queue.Queue | None:
     return slots
 
 
-def _command_line(notebook: Path, combination: Combination, run_dir: Path, cell_timeout: int | None) -> list[str]:
-    """`python -m ftnb run` with the preset and every override written as the command line reads it back."""
-    command = [sys.executable, "-m", "ftnb", "run", str(notebook), "--output-dir", str(run_dir), "--force"]
-    command += ["--preset", combination.preset] if combination.preset else []
+def _run_options(combination: Combination, run_dir: Path, cell_timeout: int | None) -> list[str]:
+    """`python -m ftnb run`'s options: the preset and every override written as the command line reads it back."""
+    options = ["--output-dir", str(run_dir), "--force"]
+    options += ["--preset", combination.preset] if combination.preset else []
     for name, value in combination.overrides.items():
-        command += ["-p", name, value if isinstance(value, str) else json.dumps(value)]
-    return command + (["--cell-timeout", str(cell_timeout)] if cell_timeout else [])
+        options += ["-p", name, value if isinstance(value, str) else json.dumps(value)]
+    return options + (["--cell-timeout", str(cell_timeout)] if cell_timeout else [])
 
 
 def _run_one(notebook: Path, combination: Combination, sweep_dir: Path, cores: queue.Queue | None,
@@ -212,13 +209,10 @@ def _run_one(notebook: Path, combination: Combination, sweep_dir: Path, cores: q
     run_dir.mkdir()
     own_cores = cores.get() if cores else None
     try:
-        with open(run_dir / "sweep.log", "w") as output:
-            # one run at a time shows the runner's progress line; several would garble each other's
-            child = subprocess.Popen(_command_line(notebook, combination, run_dir, cell_timeout),
-                                     stdout=output, stderr=None if show_progress else output)
-            if own_cores:  # before the child starts its kernel, which inherits the cores
-                os.sched_setaffinity(child.pid, own_cores)
-            child.wait()
+        # one run at a time shows the runner's progress line; several would garble each other's
+        child = start_run(notebook, *_run_options(combination, run_dir, cell_timeout), log=run_dir / "sweep.log",
+                          cores=own_cores, progress_to_terminal=show_progress)
+        child.wait()
     finally:
         if own_cores:
             cores.put(own_cores)
