@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--eval-limit", type=int, default=0, help="validation tickets, stratified (0: all 296)")
     parser.add_argument("--ood", action="store_true", help="also score the out-of-distribution tickets (once)")
+    parser.add_argument("--out", type=Path, default=OUT, help="where the results go (a quick check: not the committed file)")
     args = parser.parse_args()
     env.setup(SEED, show=False)
     tickets = data.load("tickets")
@@ -158,16 +159,17 @@ def main() -> None:
     for split in splits:
         probabilities[split] = {"generative": generative[split], "head": head_probs[split], "TF-IDF": tfidf[split],
                                 "zero-shot": zero_shot[split]}
-    result = {"settings": {**vars(args), "train_tickets": len(train_rows), "model": MODEL, "lora": LORA,
+    settings = {name: value for name, value in vars(args).items() if name != "out"}
+    result = {"settings": {**settings, "train_tickets": len(train_rows), "model": MODEL, "lora": LORA,
                            "compute": str(env.pick_dtype(cpu_bf16=True)), "chosen_on_validation": chosen},
               "seconds": seconds, "peak_rss_mib": process_peak_rss_mib(),
               **{split: compare(probabilities[split], truth[split], labels) for split in splits}}
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     for split in splits:
         print(split, {k: f"{v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for k, v in result[split]["macro_f1"].items()})
         print("  ", {k: f"{v['estimate']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"
                      for k, v in result[split]["paired_difference"].items()})
-    print({k: round(v) for k, v in seconds.items()}, f"peak {result['peak_rss_mib']:.0f} MiB; wrote {OUT}")
+    print({k: round(v) for k, v in seconds.items()}, f"peak {result['peak_rss_mib']:.0f} MiB; wrote {args.out}")
 
 
 if __name__ == "__main__":
