@@ -1,4 +1,6 @@
+import gc
 import multiprocessing
+import os
 
 import pytest
 import torch
@@ -100,6 +102,32 @@ def test_sequence_classification_head_stays_float(tiny_model_path):
     model = load_model(tiny_model_path, task="seq-cls", quantization="nf4", num_labels=3, tokenizer=tok)
     assert model.score.weight.dtype == torch.float32 and type(model.score.weight).__name__ == "Parameter"
     assert model.config.pad_token_id == tok.pad_token_id
+
+
+def _mapped_ranges(path_part: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings of files whose path contains path_part."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        if path_part in line:
+            start, end = line.split()[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_a_quantized_model_holds_no_view_of_its_checkpoint_file(tiny_model_path):
+    # The fp32 checkpoint loaded with fp32 compute: the tensors left unconverted would be views of the
+    # memory-mapped file, which keeps all its pages resident while the model lives.
+    model = load_model(tiny_model_path, quantization="nf4", dtype=torch.float32)
+    gc.collect()
+    checkpoint = _mapped_ranges("model.safetensors")
+    tensors = [*model.parameters(), *model.buffers()]
+    in_file = [t.shape for t in tensors if any(a <= t.untyped_storage().data_ptr() < b for a, b in checkpoint)]
+    assert in_file == [] and checkpoint == []
+    if model.config.tie_word_embeddings:
+        assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    out = model(torch.tensor([[1, 2, 3]]))
+    assert torch.isfinite(out.logits).all()
 
 
 def test_bad_quantization_name():
