@@ -1,4 +1,3 @@
-import gc
 import multiprocessing
 import os
 
@@ -119,7 +118,6 @@ def test_a_quantized_model_holds_no_view_of_its_checkpoint_file(tiny_model_path)
     # The fp32 checkpoint loaded with fp32 compute: the tensors left unconverted would be views of the
     # memory-mapped file, which keeps all its pages resident while the model lives.
     model = load_model(tiny_model_path, quantization="nf4", dtype=torch.float32)
-    gc.collect()
     # any mapping of a checkpoint file: models other tests left alive may map theirs (an fp32 model's weights
     # are such views, rightly), so the test asks about this model's tensors only
     checkpoints = _mapped_ranges("model.safetensors")
