@@ -27,8 +27,9 @@ the config file only), so it works for a 70B model on a laptop. What is modelled
   and the two gradients of the same size in backward: 12-16 bytes per token per vocabulary entry,
   which is what dominates a small model with a 49k vocabulary;
 * fixed costs: the CUDA context (not visible to torch's allocator) or, on CPU, the resident memory
-  of a Python process with torch and transformers imported, the checkpoint file pages that stay
-  mapped, and glibc's heap overhead. Every fitted number sits in `Calibration`, with where it came from.
+  of a Python process with torch and transformers imported, and glibc's heap overhead. No page of
+  the checkpoint file stays resident: `ftnb.models.load_model` copies a quantized model's float
+  tensors out of the memory-mapped file, so the mapping closes after loading. Every fitted number sits in `Calibration`, with where it came from.
 """
 from __future__ import annotations
 
@@ -126,7 +127,6 @@ class ModelShape:
     intermediate_size: int
     tie_word_embeddings: bool
     gated_mlp: bool  # Llama/Mistral/Qwen: gate, up, down; BERT/GPT-2: up, down
-    checkpoint_dtype: str = "float32"
     attention_dropout: float = 0.0  # BERT: 0.1; Llama-style configs: 0.0
 
     @classmethod
@@ -135,7 +135,6 @@ class ModelShape:
         hidden = c.get("hidden_size") or c["n_embd"]
         heads = c.get("num_attention_heads") or c["n_head"]
         model_type = c.get("model_type", "")
-        dtype = str(c.get("dtype") or c.get("torch_dtype") or "float32").replace("torch.", "")
         return cls(
             name=name or c.get("_name_or_path", model_type), vocab_size=c["vocab_size"],
             hidden_size=hidden, num_layers=c.get("num_hidden_layers") or c["n_layer"],
@@ -144,7 +143,6 @@ class ModelShape:
             intermediate_size=c.get("intermediate_size") or c.get("n_inner") or 4 * hidden,
             tie_word_embeddings=c.get("tie_word_embeddings", True),
             gated_mlp=model_type not in ("bert", "roberta", "distilbert", "gpt2", "xlm-roberta"),
-            checkpoint_dtype=dtype if dtype in DTYPE_BYTES else "float32",
             attention_dropout=c.get("attention_probs_dropout_prob", c.get("attention_dropout")) or 0.0)
 
     def linears(self) -> list[tuple[str, int, int]]:
@@ -444,8 +442,8 @@ class MemoryEstimate:
             change = {"batch_size": batch, "grad_accumulation": accumulation}
             if estimate_training_memory(**{**self.arguments, **change}).total_bytes <= available:
                 break
-        return (f"halve the micro-batch and double gradient accumulation: batch {batch} x accumulation "
-                f"{accumulation}", change)
+        return (f"lower the micro-batch to {batch} and raise gradient accumulation to {accumulation} "
+                f"(the same effective batch)", change)
 
 
 def _device_memory(device: str | float) -> tuple[str, float]:
@@ -475,10 +473,9 @@ def _default_device() -> str:
 
 
 def _weight_rows(shape: ModelShape, quantization: str, double_quant: bool, load_bytes: int,
-                 float_bytes: int, task: str, num_labels: int, device: str, load_dtype: str) -> list[dict]:
+                 float_bytes: int, task: str, num_labels: int, load_dtype: str) -> list[dict]:
     """Weights by storage, in this order (ftnb.estimate_distributed relies on it): the linears (for
-    4 bits the packed weights, then their constants), what stays floating point, and on CPU the
-    mapped checkpoint pages."""
+    4 bits the packed weights, then their constants), then what stays floating point."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     rows = []
@@ -498,11 +495,6 @@ def _weight_rows(shape: ModelShape, quantization: str, double_quant: bool, load_
     n_float = shape.embedding_params + shape.norm_params + shape.head_params(task, num_labels)
     rows.append(_row("weights", f"embeddings, norms, head ({'fp32' if float_bytes == 4 else load_dtype})",
                      n_float * float_bytes))
-    ckpt_bytes = _dtype_bytes(shape.checkpoint_dtype)
-    if device == "cpu" and quantization != "none" and ckpt_bytes == load_bytes:
-        # The unquantised tensors are zero-copy views of the mmapped safetensors file, so the
-        # mapping stays open and the pages read while quantising stay resident (reclaimable).
-        rows.append(_row("fixed", "checkpoint pages read to quantize (mmap, reclaimable)", n_linear * ckpt_bytes))
     return rows
 
 
@@ -572,8 +564,7 @@ def estimate_training_memory(
                     process_baseline_bytes=process_baseline_bytes)
 
     rows = _fixed_rows(device, process_baseline_bytes)
-    rows += _weight_rows(shape, quantization, double_quant, cd, float_bytes, task, num_labels, device,
-                         settings["compute_dtype"])
+    rows += _weight_rows(shape, quantization, double_quant, cd, float_bytes, task, num_labels, settings["compute_dtype"])
     n_lora = lora_params(shape, lora_r, lora_targets) + (shape.head_params(task, num_labels) if task == "seq-cls" else 0)
     state_bytes = OPTIMIZER_STATE_BYTES[optimizer]
     # gradients appear during backward, as activations are freed, so they are not part of the
@@ -648,7 +639,7 @@ def estimate_inference_memory(
     settings = dict(model=shape.name, quantization=quantization, batch_size=batch_size, seq_len=seq_len,
                     device=device, compute_dtype=str(compute_dtype).replace("torch.", ""))
     rows = _fixed_rows(device, process_baseline_bytes)
-    rows += _weight_rows(shape, quantization, double_quant, cd, cd, task, num_labels, device, settings["compute_dtype"])
+    rows += _weight_rows(shape, quantization, double_quant, cd, cd, task, num_labels, settings["compute_dtype"])
     tokens = batch_size * seq_len
     kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * cd * tokens
     work = tokens * (2 * shape.hidden_size + 2 * shape.intermediate_size) * cd

@@ -167,7 +167,7 @@ def estimate_distributed(model: Any, strategy: str, num_gpus: int, quantization:
     float_bytes = 4 if kbit_prepare else cd
     # _weight_rows: the (quantized) linears, for 4 bits their constants second, the float part last
     *linear_rows, float_row = _weight_rows(shape, quantization, double_quant, cd, float_bytes, "causal-lm", 2,
-                                           "cuda", compute_dtype)
+                                           compute_dtype)
     constants = linear_rows[1]["bytes"] if quantization in ("nf4", "fp4") else 0
     linears = sum(r["bytes"] for r in linear_rows) - constants
     floats = float_row["bytes"]

@@ -110,6 +110,10 @@ def _memory_lab(m: dict) -> None:
     chunked = m["chunked_loss"]  # the smoke preset sweeps the loss in chunks: its predicted loss term shrinks
     assert chunked["predicted_loss_chunked_mib"] < chunked["predicted_loss_whole_mib"]
     assert _finite(chunked["measured_chunked_mib"], chunked["measured_whole_mib"]) and m["levers"]
+    baseline = next(r["measured_mib"] for r in m["sweep"] if r["baseline"])
+    assert m["noise_mib"] >= max(0.05 * baseline, abs(m["baseline_repeat_mib"] - baseline))  # measured twice
+    assert all(lever["beyond noise"] == (lever["measured saving (MiB)"] > m["noise_mib"]) for lever in m["levers"])
+    assert set(m["float_params_by_dtype"]["after_preparing"]) == {"float32"}  # peft's cast for k-bit training, printed
 
 
 def _lora_from_scratch(m: dict) -> None:
