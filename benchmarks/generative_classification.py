@@ -40,6 +40,7 @@ MODEL, LABEL_FIELD, SEED = "smollm2-135m-instruct", "category", 0
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 C_GRID = np.logspace(-1, 4, 6)
 OUT = Path(__file__).with_suffix(".json")
+PAIRS = [("generative", "head"), ("generative", "TF-IDF"), ("generative", "zero-shot"), ("head", "TF-IDF")]
 
 
 def trainer_settings(folder: str, args: argparse.Namespace) -> dict:
@@ -50,13 +51,16 @@ def trainer_settings(folder: str, args: argparse.Namespace) -> dict:
                 **env.precision_flags(env.pick_dtype(cpu_bf16=True)))
 
 
-def train_head(train_rows, tokenizer, labels: list[str], args) -> classify.Classifier:
-    """Recipe 01's QLoRA classifier (a new score layer, class-weighted loss) on `train_rows`."""
+def train_head(train_rows, tokenizer, labels: list[str], args, pooling: str = "last") -> classify.Classifier:
+    """Recipe 01's QLoRA classifier (a new score layer, class-weighted loss) on `train_rows`; `pooling="mean"`
+    reads the mean of the tokens' hidden states instead of the last token's (`classify.use_mean_pooling`)."""
     id2label, label2id = classify.label_maps(labels)
     model = load_model(MODEL, task="seq-cls", quantization="nf4", double_quant=True, num_labels=len(labels),
                        id2label=id2label, label2id=label2id, tokenizer=tokenizer, dtype=env.pick_dtype(cpu_bf16=True))
     model = get_peft_model(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False),
                            LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **LORA))
+    if pooling == "mean":
+        classify.use_mean_pooling(model)
     train = classify.tokenize_split(train_rows, tokenizer, LABEL_FIELD, labels, max_length=128)
     classify.WeightedTrainer(model=model, args=TrainingArguments(**trainer_settings("/tmp/ftnb_gen_head", args)),
                              train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16),
@@ -98,11 +102,10 @@ def tfidf_probabilities(train_rows, texts: dict[str, list[str]], truth: list[str
             float(tfidf[-1].C))
 
 
-def compare(probabilities: dict[str, np.ndarray], truth: list[str], labels) -> dict:
-    """Macro-F1 with its interval per method, and the paired differences of each fine-tune to the others."""
+def compare(probabilities: dict[str, np.ndarray], truth: list[str], labels, pairs: list[tuple[str, str]]) -> dict:
+    """Macro-F1 with its interval per method, and the paired differences and McNemar tests of `pairs`."""
     preds = {name: classify.predicted_labels(p, labels) for name, p in probabilities.items()}
     table = {name: stats.macro_f1_interval(truth, p, labels).as_dict() for name, p in preds.items()}
-    pairs = [("generative", other) for other in preds if other != "generative"] + [("head", "TF-IDF")]
     differences = {f"{a} - {b}": stats.paired_bootstrap_difference(stats.macro_f1(labels), truth, preds[a], preds[b])
                    .as_dict() for a, b in pairs}
     correct = {name: [p == t for p, t in zip(pred, truth)] for name, pred in preds.items()}
@@ -110,24 +113,47 @@ def compare(probabilities: dict[str, np.ndarray], truth: list[str], labels) -> d
     return {"macro_f1": table, "paired_difference": differences, "mcnemar": mcnemar, "tickets": len(truth)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The options both tickets benchmarks share: how many tickets, the training shape, --ood, --out."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--train-limit", type=int, default=320, help="training tickets, stratified (0: all 1378)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--eval-limit", type=int, default=0, help="validation tickets, stratified (0: all 296)")
     parser.add_argument("--ood", action="store_true", help="also score the out-of-distribution tickets (once)")
-    parser.add_argument("--out", type=Path, default=OUT, help="where the results go (a quick check: not the committed file)")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, help="where the results go (a quick check: not the committed file)")
+    return parser
+
+
+def load_tickets(args: argparse.Namespace) -> tuple:
+    """Set up (seed, threads), then the training tickets, the splits to score (validation; with --ood the
+    out-of-distribution tickets too) and the labels."""
     env.setup(SEED, show=False)
     tickets = data.load("tickets")
     labels = classify.labels_for(LABEL_FIELD, tickets["train"], "tickets")
-    definitions, template = data.read_labels("tickets")[LABEL_FIELD], classify.zero_shot_template("tickets")
     train_rows = data.subset(tickets["train"], args.train_limit, SEED, stratify=LABEL_FIELD)
     splits = {"validation": data.subset(tickets["validation"], args.eval_limit, SEED, stratify=LABEL_FIELD)}
     if args.ood:
         splits["ood"] = data.load("tickets_ood", splits=("test",))["test"]
+    return train_rows, splits, labels
+
+
+def report(result: dict, splits, seconds: dict, out: Path) -> None:
+    """Write the result and print each split's table."""
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for split in splits:
+        print(split, {k: f"{v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for k, v in result[split]["macro_f1"].items()})
+        print("  ", {k: f"{v['estimate']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"
+                     for k, v in result[split]["paired_difference"].items()})
+    print({k: round(v) for k, v in seconds.items()}, f"peak {result['peak_rss_mib']:.0f} MiB; wrote {out}")
+
+
+def main() -> None:
+    args = arguments(__doc__.split("\n")[0]).parse_args()
+    args.out = args.out or OUT
+    train_rows, splits, labels = load_tickets(args)
+    definitions, template = data.read_labels("tickets")[LABEL_FIELD], classify.zero_shot_template("tickets")
     texts = {split: [classify.record_text(r) for r in rows] for split, rows in splits.items()}
     truth = {split: list(rows[LABEL_FIELD]) for split, rows in splits.items()}
     tokenizer = load_tokenizer(MODEL)
@@ -163,13 +189,8 @@ def main() -> None:
     result = {"settings": {**settings, "train_tickets": len(train_rows), "model": MODEL, "lora": LORA,
                            "compute": str(env.pick_dtype(cpu_bf16=True)), "chosen_on_validation": chosen},
               "seconds": seconds, "peak_rss_mib": process_peak_rss_mib(),
-              **{split: compare(probabilities[split], truth[split], labels) for split in splits}}
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    for split in splits:
-        print(split, {k: f"{v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for k, v in result[split]["macro_f1"].items()})
-        print("  ", {k: f"{v['estimate']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"
-                     for k, v in result[split]["paired_difference"].items()})
-    print({k: round(v) for k, v in seconds.items()}, f"peak {result['peak_rss_mib']:.0f} MiB; wrote {args.out}")
+              **{split: compare(probabilities[split], truth[split], labels, PAIRS) for split in splits}}
+    report(result, splits, seconds, args.out)
 
 
 if __name__ == "__main__":

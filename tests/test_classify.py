@@ -332,3 +332,24 @@ def test_zero_shot_normalization_is_chosen_by_the_labels_it_is_given():
     assert normalize == "sum" and f1["sum"] > f1["mean"]
     normalize, f1 = classify.best_zero_shot_normalization(np.array([[-1.0, -8.0]]), lengths, ["a"], ["a", "bb"])
     assert normalize == "sum" and f1["sum"] == f1["mean"]  # both right: a tie keeps the plain sum
+
+
+def test_mean_pooling_reads_the_mean_hidden_state_of_the_real_tokens(tmp_path):
+    tok = load_tokenizer("tiny-llama-test")
+    model = load_model("tiny-llama-test", task="seq-cls", num_labels=len(LABELS), tokenizer=tok, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules="all-linear",
+                                             modules_to_save=["score"]))
+    last_token = classify.predict_logits(model, tok, TICKETS, ["subject", "body"], max_length=32, batch_size=8)
+    classify.use_mean_pooling(model)
+    pooled = classify.predict_logits(model, tok, TICKETS, ["subject", "body"], max_length=32, batch_size=8)
+    alone = np.concatenate([classify.predict_logits(model, tok, [t], ["subject", "body"], 32) for t in TICKETS])
+    assert np.allclose(pooled, alone, atol=1e-5)  # padding is left out of the mean
+    assert not np.allclose(pooled, last_token, atol=1e-3)
+    base = model.get_base_model()
+    with torch.no_grad():  # the head of the mean hidden state, by hand
+        ids = tok(classify.record_text(TICKETS[0]), return_tensors="pt")["input_ids"]
+        hidden = base.model(input_ids=ids).last_hidden_state.mean(1)
+        head = base.score.modules_to_save["default"].weight
+        assert np.allclose(torch.nn.functional.linear(hidden, head).numpy(), pooled[:1], atol=1e-5)
+    with pytest.raises(ValueError, match="last token"):  # the saved format would reload it as last-token
+        classify.Classifier(model, tok, LABELS, base_model="tiny-llama-test").save(tmp_path / "clf")

@@ -584,6 +584,9 @@ class Classifier:
         A head left out of the adapter would reload random: that is an error here, not later."""
         from ftnb import saved
 
+        if getattr(self.model, "ftnb_mean_pooling", False):
+            raise ValueError("this classifier pools the mean of its tokens (use_mean_pooling), which the saved format "
+                             "does not record: a reload would read the last token; save a last-token classifier")
         task = {"head": saved_head_name(self.model), "labels": self.labels, "label_field": self.label_field,
                 "text_fields": self.text_fields, "max_length": self.max_length}
         return saved.save(path, self.model, self.tokenizer, "classifier", self.base_model, task)
@@ -606,6 +609,39 @@ def saved_head_name(model) -> str:
             raise ValueError(f"the adapter does not save the trained head {head!r}, so a reload would get a "
                              f"random one: create the LoraConfig with modules_to_save=[{head!r}]")
     return head
+
+
+def use_mean_pooling(model: torch.nn.Module) -> torch.nn.Module:
+    """Make a *ForSequenceClassification model (peft-wrapped or not) read the mean of its tokens' hidden
+    states instead of its last token. The head is linear, so the mean over the attention mask of the
+    per-token logits it computes is the head applied to the mean hidden state; a hook puts that mean
+    at every position, so the model's own last-token read-out returns it. In place; returns the model.
+    `Classifier.save` refuses such a model: a reload would read the last token again.
+
+    Usage: model = use_mean_pooling(get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"])))
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head_name = next((name for name in HEAD_NAMES if hasattr(base, name)), None)
+    if head_name is None:
+        raise ValueError(f"the model has no classification head named {' or '.join(HEAD_NAMES)}")
+    mask = {}
+
+    def remember_mask(module, args, kwargs) -> None:
+        mask["current"] = kwargs.get("attention_mask")
+
+    def mean_over_tokens(module, inputs, logits: torch.Tensor) -> torch.Tensor:
+        if logits.dim() != 3:  # not per-token logits (batch, tokens, labels): the head called on its own
+            return logits
+        keep = mask.get("current")
+        keep = torch.ones(logits.shape[:2], device=logits.device) if keep is None else keep
+        weights = keep.to(torch.float32).unsqueeze(-1)
+        mean = (logits.float() * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+        return mean.to(logits.dtype).expand_as(logits)
+
+    model.register_forward_pre_hook(remember_mask, with_kwargs=True)
+    getattr(base, head_name).register_forward_hook(mean_over_tokens)
+    model.ftnb_mean_pooling = True
+    return model
 
 
 @torch.no_grad()

@@ -1,0 +1,60 @@
+"""Last-token against mean-pooled classification head, on recipe 01's tickets, compared on validation.
+
+Two fine-tunes that differ only in what the new `score` layer reads: the hidden state of the last token
+(recipe 01's model, `LlamaForSequenceClassification`'s read-out) or the mean of every real token's hidden
+state (`ftnb.tasks.classify.use_mean_pooling`). Everything else is `generative_classification.py`'s head:
+NF4 SmolLM2 with LoRA r=16 on every linear layer, class-weighted loss, the same training tickets and
+optimizer steps. Beside them TF-IDF + logistic regression on the same tickets (C chosen on validation).
+Macro-F1 with bootstrap 95% intervals, paired differences and McNemar tests, on validation; `--ood` also
+scores the out-of-distribution tickets (`data/tickets_ood`): run it once, after every setting is fixed.
+
+Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/pooling.py --train-limit 320 --ood
+       (writes benchmarks/pooling.json; about 8 min on 2 cores at 320 tickets)
+       --train-limit 8 --eval-limit 8 --batch-size 2 --grad-accum 1 --out /tmp/check.json checks it in a minute
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from generative_classification import (LABEL_FIELD, LORA, MODEL, arguments, compare, load_tickets, report,
+                                       tfidf_probabilities, train_head)
+
+from ftnb import env
+from ftnb.memory import process_peak_rss_mib, release_memory
+from ftnb.models import load_tokenizer
+from ftnb.tasks import classify
+
+OUT = Path(__file__).with_suffix(".json")
+PAIRS = [("mean pooling", "last token"), ("mean pooling", "TF-IDF"), ("last token", "TF-IDF")]
+
+
+def main() -> None:
+    args = arguments(__doc__.split("\n")[0]).parse_args()
+    args.out = args.out or OUT
+    train_rows, splits, labels = load_tickets(args)
+    texts = {split: [classify.record_text(r) for r in rows] for split, rows in splits.items()}
+    truth = {split: list(rows[LABEL_FIELD]) for split, rows in splits.items()}
+    tokenizer = load_tokenizer(MODEL)
+    probabilities, seconds = {split: {} for split in splits}, {}
+    tfidf, tfidf_c = tfidf_probabilities(train_rows, texts, truth["validation"], labels)
+    for split in splits:
+        probabilities[split]["TF-IDF"] = tfidf[split]
+    for name, pooling in (("last token", "last"), ("mean pooling", "mean")):
+        start = time.perf_counter()
+        head = train_head(train_rows, tokenizer, labels, args, pooling=pooling)
+        seconds[f"{name} (training)"] = time.perf_counter() - start
+        for split, rows in splits.items():
+            probabilities[split][name] = head.probabilities(list(rows))
+        del head
+        release_memory()
+    settings = {name: value for name, value in vars(args).items() if name != "out"}
+    result = {"settings": {**settings, "train_tickets": len(train_rows), "model": MODEL, "lora": LORA,
+                           "compute": str(env.pick_dtype(cpu_bf16=True)), "chosen_on_validation": {"tfidf_C": tfidf_c}},
+              "seconds": seconds, "peak_rss_mib": process_peak_rss_mib(),
+              **{split: compare(probabilities[split], truth[split], labels, PAIRS) for split in splits}}
+    report(result, splits, seconds, args.out)
+
+
+if __name__ == "__main__":
+    main()
