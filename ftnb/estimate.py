@@ -29,7 +29,8 @@ the config file only), so it works for a 70B model on a laptop. What is modelled
 * fixed costs: the CUDA context (not visible to torch's allocator) or, on CPU, the resident memory
   of a Python process with torch and transformers imported, and glibc's heap overhead. No page of
   the checkpoint file stays resident: `ftnb.models.load_model` copies a quantized model's float
-  tensors out of the memory-mapped file, so the mapping closes after loading. Every fitted number sits in `Calibration`, with where it came from.
+  tensors out of the memory-mapped file, so the mapping closes after loading. Every fitted number
+  sits in `Calibration`, with where it came from.
 """
 from __future__ import annotations
 

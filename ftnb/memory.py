@@ -403,7 +403,9 @@ def chunked_causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from ftnb.models import without_peft
+
+    causal_lm = without_peft(model)
     hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # position t predicts token t + 1
     targets = labels[:, 1:].reshape(-1).to(hidden.device)

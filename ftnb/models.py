@@ -388,6 +388,14 @@ def keep_training_kernel(model: PreTrainedModel) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def without_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (its LoRA layers still in it), or `model` itself.
+
+    Usage: head = without_peft(peft_model).score
+    """
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def plain_forward(model: torch.nn.Module) -> torch.nn.Module:
     """`model` with the forward it had before a Trainer trained it (the same object, returned for chaining).
     A Trainer with bf16 or fp16 wraps the model's forward in autocast and leaves it wrapped after training:

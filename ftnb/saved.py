@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from ftnb.models import without_peft
 from ftnb.variants import save_weights
 
 MANIFEST = "ftnb_model.json"
@@ -92,7 +93,7 @@ def build_manifest(model, kind: str, base_model: str | dict, task: dict, merged_
 
     Usage: build_manifest(peft_model, "classifier", "tiny-llama-test", task)["parameter_dtypes"]
     """
-    base = _base_of(model)
+    base = without_peft(model)
     dtype = dtype_name(base.config.dtype)
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
@@ -168,10 +169,6 @@ def _weights_record(model, merged_from: dict | None) -> dict:
                        "path": "." if name == "default" else name}
                 for name, config in model.peft_config.items()}
     return {"format": "adapters", "adapters": adapters, "active": model.active_adapter}
-
-
-def _base_of(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def dtype_name(dtype) -> str:

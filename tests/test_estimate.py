@@ -148,7 +148,7 @@ def _change_of(suggestion: str) -> dict:
     """The change of arguments a suggestion's text describes."""
     if suggestion.startswith("turn on gradient checkpointing"):
         return {"gradient_checkpointing": True}
-    if m := re.search(r"batch (\d+) x accumulation (\d+)", suggestion):
+    if m := re.search(r"micro-batch to (\d+) and raise gradient accumulation to (\d+)", suggestion):
         return {"batch_size": int(m[1]), "grad_accumulation": int(m[2])}
     if m := re.search(r"8-bit optimizer \((\w+)\)", suggestion):
         return {"optimizer": m[1]}

@@ -31,7 +31,7 @@ from transformers import Trainer
 
 from ftnb.data import dataset_folder, read_labels
 from ftnb.inference import left_pad
-from ftnb.models import plain_forward
+from ftnb.models import plain_forward, without_peft
 
 Record = dict | str
 ZERO_SHOT_FILE = "zero_shot_prompt.txt"
@@ -598,17 +598,21 @@ def saved_head_name(model) -> str:
 
     Usage: task = {"head": saved_head_name(peft_model), ...}
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    found = [name for name in HEAD_NAMES if hasattr(base, name)]
-    if not found:
-        raise ValueError(f"the model has no classification head named {' or '.join(HEAD_NAMES)}")
-    head = found[0]
+    head = _head_name(model)
     if hasattr(model, "peft_config"):
         kept = set().union(*(c.modules_to_save or [] for c in model.peft_config.values()))
         if head not in kept:
             raise ValueError(f"the adapter does not save the trained head {head!r}, so a reload would get a "
                              f"random one: create the LoraConfig with modules_to_save=[{head!r}]")
     return head
+
+
+def _head_name(model) -> str:
+    """The attribute name of the model's classification head ("score" for decoders, "classifier" for BERT)."""
+    found = [name for name in HEAD_NAMES if hasattr(without_peft(model), name)]
+    if not found:
+        raise ValueError(f"the model has no classification head named {' or '.join(HEAD_NAMES)}")
+    return found[0]
 
 
 def use_mean_pooling(model: torch.nn.Module) -> torch.nn.Module:
@@ -620,10 +624,7 @@ def use_mean_pooling(model: torch.nn.Module) -> torch.nn.Module:
 
     Usage: model = use_mean_pooling(get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"])))
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head_name = next((name for name in HEAD_NAMES if hasattr(base, name)), None)
-    if head_name is None:
-        raise ValueError(f"the model has no classification head named {' or '.join(HEAD_NAMES)}")
+    head = getattr(without_peft(model), _head_name(model))
     mask = {}
 
     def remember_mask(module, args, kwargs) -> None:
@@ -639,7 +640,7 @@ def use_mean_pooling(model: torch.nn.Module) -> torch.nn.Module:
         return mean.to(logits.dtype).expand_as(logits)
 
     model.register_forward_pre_hook(remember_mask, with_kwargs=True)
-    getattr(base, head_name).register_forward_hook(mean_over_tokens)
+    head.register_forward_hook(mean_over_tokens)
     model.ftnb_mean_pooling = True
     return model
 
