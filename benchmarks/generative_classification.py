@@ -139,6 +139,16 @@ def load_tickets(args: argparse.Namespace) -> tuple:
     return train_rows, splits, labels
 
 
+def result_of(args: argparse.Namespace, train_rows, chosen: dict, seconds: dict, probabilities: dict, truth: dict,
+              labels, pairs: list[tuple[str, str]]) -> dict:
+    """What a tickets benchmark writes: its settings, what validation chose, seconds, peak RSS, each split compared."""
+    settings = {name: value for name, value in vars(args).items() if name != "out"}
+    return {"settings": {**settings, "train_tickets": len(train_rows), "model": MODEL, "lora": LORA,
+                         "compute": str(env.pick_dtype(cpu_bf16=True)), "chosen_on_validation": chosen},
+            "seconds": seconds, "peak_rss_mib": process_peak_rss_mib(),
+            **{split: compare(probabilities[split], truth[split], labels, pairs) for split in probabilities}}
+
+
 def report(result: dict, splits, seconds: dict, out: Path) -> None:
     """Write the result and print each split's table."""
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -185,12 +195,7 @@ def main() -> None:
     for split in splits:
         probabilities[split] = {"generative": generative[split], "head": head_probs[split], "TF-IDF": tfidf[split],
                                 "zero-shot": zero_shot[split]}
-    settings = {name: value for name, value in vars(args).items() if name != "out"}
-    result = {"settings": {**settings, "train_tickets": len(train_rows), "model": MODEL, "lora": LORA,
-                           "compute": str(env.pick_dtype(cpu_bf16=True)), "chosen_on_validation": chosen},
-              "seconds": seconds, "peak_rss_mib": process_peak_rss_mib(),
-              **{split: compare(probabilities[split], truth[split], labels, PAIRS) for split in splits}}
-    report(result, splits, seconds, args.out)
+    report(result_of(args, train_rows, chosen, seconds, probabilities, truth, labels, PAIRS), splits, seconds, args.out)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from generative_classification import (LABEL_FIELD, LORA, MODEL, arguments, compare, load_tickets, report,
+from generative_classification import (LABEL_FIELD, MODEL, arguments, load_tickets, report, result_of,
                                        tfidf_probabilities, train_head)
 
-from ftnb import env
-from ftnb.memory import process_peak_rss_mib, release_memory
+from ftnb.memory import release_memory
 from ftnb.models import load_tokenizer
 from ftnb.tasks import classify
 
@@ -48,11 +47,7 @@ def main() -> None:
             probabilities[split][name] = head.probabilities(list(rows))
         del head
         release_memory()
-    settings = {name: value for name, value in vars(args).items() if name != "out"}
-    result = {"settings": {**settings, "train_tickets": len(train_rows), "model": MODEL, "lora": LORA,
-                           "compute": str(env.pick_dtype(cpu_bf16=True)), "chosen_on_validation": {"tfidf_C": tfidf_c}},
-              "seconds": seconds, "peak_rss_mib": process_peak_rss_mib(),
-              **{split: compare(probabilities[split], truth[split], labels, PAIRS) for split in splits}}
+    result = result_of(args, train_rows, {"tfidf_C": tfidf_c}, seconds, probabilities, truth, labels, PAIRS)
     report(result, splits, seconds, args.out)
 
 
