@@ -34,6 +34,7 @@ from datasets import Dataset
 from ftnb import stats
 from ftnb.data import Schema
 from ftnb.inference import chat_inputs, left_pad
+from ftnb.memory import release_memory
 from ftnb.tasks.formats import adherence_report, format_adherence
 
 SYSTEM_PROMPT = "You are a careful assistant. Answer in the requested house format."
@@ -592,7 +593,12 @@ def evaluate_split(model, tokenizer, ppl_rows: list[dict], gen_rows: list[dict],
     formats = formats or {}
     ppl_rows, gen_rows = _rows(ppl_rows), _rows(gen_rows)
     nll = response_nll(model, tokenizer, ppl_rows, max_length, ppl_batch_size, system)
+    # each phase's freed buffers go back to the system before the next starts (the perplexity pass held a
+    # batch's full-vocabulary logits, generation grew its caches step by step): untrimmed, an evaluation
+    # left the heap about 1 GB larger, and recipe 02's next evaluation peaked on top of it
+    release_memory()
     outputs = generate_batch(model, tokenizer, gen_rows, max_new_tokens, batch_size, system, **generation_kwargs)
+    release_memory()
     passes = adherence_passes(outputs, gen_rows, formats)
     domains = sorted({r["domain"] for r in ppl_rows} | {r["domain"] for r in gen_rows})
     table = {}
