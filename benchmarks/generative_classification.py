@@ -53,14 +53,13 @@ def trainer_settings(folder: str, args: argparse.Namespace) -> dict:
 
 def train_head(train_rows, tokenizer, labels: list[str], args, pooling: str = "last") -> classify.Classifier:
     """Recipe 01's QLoRA classifier (a new score layer, class-weighted loss) on `train_rows`; `pooling="mean"`
-    reads the mean of the tokens' hidden states instead of the last token's (`classify.use_mean_pooling`)."""
+    reads the mean of the tokens' hidden states instead of the last token's (`classify.use_pooling`)."""
     id2label, label2id = classify.label_maps(labels)
     model = load_model(MODEL, task="seq-cls", quantization="nf4", double_quant=True, num_labels=len(labels),
                        id2label=id2label, label2id=label2id, tokenizer=tokenizer, dtype=env.pick_dtype(cpu_bf16=True))
     model = get_peft_model(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False),
                            LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **LORA))
-    if pooling == "mean":
-        classify.use_mean_pooling(model)
+    classify.use_pooling(model, pooling)
     train = classify.tokenize_split(train_rows, tokenizer, LABEL_FIELD, labels, max_length=128)
     classify.WeightedTrainer(model=model, args=TrainingArguments(**trainer_settings("/tmp/ftnb_gen_head", args)),
                              train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16),

@@ -49,7 +49,8 @@ LLAMA_CPP_PYTHON = "0.3.36"
 def merged(adapter_folder: str | Path, dest: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """The adapter merged into the de-quantized base and saved in `dtype` (safetensors, loads with
     from_pretrained alone, or with ftnb.saved.load): a generator through sft.export_merged, a
-    classifier with its trained head. Returns dest.
+    classifier with its trained head (one that reads the mean of its tokens does so through
+    ftnb.saved.load only: from_pretrained alone reads the last token). Returns dest.
 
     Usage: merged("outputs/01_ticket_classification/classifier", "exports/classifier-bf16", torch.bfloat16)
     """

@@ -152,6 +152,9 @@ class MultiTaskModel:
         for name, manifest in manifests.items():
             if manifest["kind"] not in _SHAREABLE_KINDS:
                 raise ValueError(f"{folders[name]} holds a {manifest['kind']}; a task is one of {_SHAREABLE_KINDS}")
+            if manifest["task"].get("pooling", "last") != "last":
+                raise ValueError(f"{folders[name]} holds a classifier that reads the mean of its tokens; tasks on one "
+                                 f"base read the last token (head_logits): load it alone with ftnb.saved.load")
         _check_same_base(folders, manifests)
         tokenizers = _same_tokenizer(folders)
         first = next(iter(manifests.values()))

@@ -26,7 +26,8 @@ The manifest (format_version 1), with what each field is for:
                       replayed on load, so the reloaded model computes in the same precision
     weights           {"format": "adapters", "adapters": {name: {"peft_type", "path"}}, "active": name}
                       (one base, any number of named adapters), or {"format": "merged", "merged_from": ...}
-    task              classifier: head, labels, label_field, text_fields, max_length;
+    task              classifier: head, labels, label_field, text_fields, max_length, pooling ("last" or
+                      "mean": what the head reads; absent in older folders, meaning "last");
                       multihead: head, heads (label_field, labels and the head's rows of the one
                       score layer, for each head), text_fields, max_length;
                       generator: system prompt and decoding defaults
@@ -250,12 +251,12 @@ def load(path: str | Path, batch_size: int = 16):
     tokenizer = load_tokenizer(folder)
     task = manifest["task"]
     if manifest["kind"] == "classifier":
-        from ftnb.tasks.classify import Classifier, label_maps
+        from ftnb.tasks.classify import Classifier, label_maps, use_pooling
 
         id2label, label2id = label_maps(task["labels"])
         model = load_model(folder, manifest, tokenizer=tokenizer, num_labels=len(task["labels"]),
                            id2label=id2label, label2id=label2id)
-        return Classifier(model, tokenizer, task["labels"], base_model=manifest["base_model"]["name"],
+        return Classifier(use_pooling(model, task.get("pooling", "last")), tokenizer, task["labels"], base_model=manifest["base_model"]["name"],
                           label_field=task["label_field"], text_fields=task["text_fields"],
                           max_length=task["max_length"], batch_size=batch_size)
     if manifest["kind"] == "multihead":

@@ -9,6 +9,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import DataCollatorWithPadding, TrainingArguments
 
+from ftnb import saved
 from ftnb.data import read_labels
 from ftnb.tasks import classify
 from ftnb.models import load_model, load_tokenizer
@@ -351,5 +352,17 @@ def test_mean_pooling_reads_the_mean_hidden_state_of_the_real_tokens(tmp_path):
         hidden = base.model(input_ids=ids).last_hidden_state.mean(1)
         head = base.score.modules_to_save["default"].weight
         assert np.allclose(torch.nn.functional.linear(hidden, head).numpy(), pooled[:1], atol=1e-5)
-    with pytest.raises(ValueError, match="last token"):  # the saved format would reload it as last-token
-        classify.Classifier(model, tok, LABELS, base_model="tiny-llama-test").save(tmp_path / "clf")
+    texts = sorted((classify.record_text(t) for t in TICKETS), key=len)
+    batch = tok([texts[0], texts[-1]], padding=True, return_tensors="pt")
+    assert not batch["attention_mask"].all()  # one row is padded
+    with torch.no_grad():
+        positional = model(batch["input_ids"], batch["attention_mask"]).logits
+        by_keyword = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        unmasked = model(input_ids=batch["input_ids"]).logits
+    assert torch.allclose(positional, by_keyword) and not torch.allclose(positional, unmasked)  # mask found either way
+    classify.Classifier(model, tok, LABELS, base_model="tiny-llama-test", max_length=32).save(tmp_path / "clf")
+    assert saved.read_manifest(tmp_path / "clf")["task"]["pooling"] == "mean"
+    reloaded = saved.load(tmp_path / "clf")  # reads the mean again, not the last token
+    assert np.allclose(classify.predict_logits(reloaded.model, tok, TICKETS, ["subject", "body"], 32), pooled, atol=1e-5)
+    with pytest.raises(ValueError, match="choose one of"):
+        classify.use_pooling(model, "max")

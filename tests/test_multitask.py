@@ -194,6 +194,16 @@ def test_folders_on_different_bases_or_without_a_manifest_are_refused(folders, t
         MultiTaskModel.from_folders({"le.gal": folders["legal"]})
 
 
+def test_a_classifier_reading_the_mean_of_its_tokens_is_refused_as_a_shared_task(folders, tmp_path):
+    pooled = tmp_path / "category_mean"
+    shutil.copytree(folders["category"], pooled)
+    manifest = json.loads((pooled / saved.MANIFEST).read_text())
+    manifest["task"]["pooling"] = "mean"  # what Classifier.save records after classify.use_mean_pooling
+    (pooled / saved.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="mean of its tokens.*ftnb.saved.load"):
+        MultiTaskModel.from_folders({"legal": folders["legal"], "category": pooled})
+
+
 def test_mixed_batches_equal_each_row_run_with_its_own_task(mt):
     tasks = [r["domain"] for r in ROWS]  # legal, medical, legal, medical: one padded batch
     mixed = mt.next_token_logits(tasks, ROWS)

@@ -584,11 +584,8 @@ class Classifier:
         A head left out of the adapter would reload random: that is an error here, not later."""
         from ftnb import saved
 
-        if getattr(self.model, "ftnb_mean_pooling", False):
-            raise ValueError("this classifier pools the mean of its tokens (use_mean_pooling), which the saved format "
-                             "does not record: a reload would read the last token; save a last-token classifier")
         task = {"head": saved_head_name(self.model), "labels": self.labels, "label_field": self.label_field,
-                "text_fields": self.text_fields, "max_length": self.max_length}
+                "text_fields": self.text_fields, "max_length": self.max_length, "pooling": pooling_of(self.model)}
         return saved.save(path, self.model, self.tokenizer, "classifier", self.base_model, task)
 
 
@@ -615,12 +612,32 @@ def _head_name(model) -> str:
     return found[0]
 
 
+# what a classification head reads: the last real token's hidden state (the model's own read-out) or the mean
+# of every real token's (use_mean_pooling)
+POOLINGS = ("last", "mean")
+
+
+def use_pooling(model: torch.nn.Module, pooling: str) -> torch.nn.Module:
+    """The model reading `pooling` ("last": as it is; "mean": use_mean_pooling). Returns the model.
+
+    Usage: model = use_pooling(peft_model, "mean")
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r}: choose one of {POOLINGS}")
+    return use_mean_pooling(model) if pooling == "mean" else model
+
+
+def pooling_of(model: torch.nn.Module) -> str:
+    """"mean" for a model given use_mean_pooling, otherwise "last" (what a saved classifier records)."""
+    return "mean" if getattr(model, "ftnb_mean_pooling", False) else "last"
+
+
 def use_mean_pooling(model: torch.nn.Module) -> torch.nn.Module:
     """Make a *ForSequenceClassification model (peft-wrapped or not) read the mean of its tokens' hidden
     states instead of its last token. The head is linear, so the mean over the attention mask of the
     per-token logits it computes is the head applied to the mean hidden state; a hook puts that mean
     at every position, so the model's own last-token read-out returns it. In place; returns the model.
-    `Classifier.save` refuses such a model: a reload would read the last token again.
+    `Classifier.save` records it ("pooling": "mean") and `ftnb.saved.load` applies it again.
 
     Usage: model = use_mean_pooling(get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"])))
     """
@@ -628,7 +645,8 @@ def use_mean_pooling(model: torch.nn.Module) -> torch.nn.Module:
     mask = {}
 
     def remember_mask(module, args, kwargs) -> None:
-        mask["current"] = kwargs.get("attention_mask")
+        # forward(input_ids, attention_mask, ...): the mask comes by keyword (Trainer, predict_logits) or second
+        mask["current"] = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[1] if len(args) > 1 else None)
 
     def mean_over_tokens(module, inputs, logits: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 3:  # not per-token logits (batch, tokens, labels): the head called on its own
