@@ -157,7 +157,7 @@ def test_manifest_describes_a_quantized_classifier(trained):
     assert manifest["weights"] == {"format": "adapters", "adapters": {"default": {"peft_type": "LORA", "path": "."}},
                                    "active": "default"}
     assert manifest["task"] == {"head": "score", "labels": LABELS, "label_field": "intent",
-                                "text_fields": TEXT_FIELDS, "max_length": 32}
+                                "text_fields": TEXT_FIELDS, "max_length": 32, "pooling": "last"}
     assert set(manifest["libraries"]) == {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "ftnb"}
     assert manifest["libraries"]["torch"] == torch.__version__
     assert not (trained["classifier-nf4"]["folder"] / "classifier.json").exists()
