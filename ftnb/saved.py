@@ -256,7 +256,8 @@ def load(path: str | Path, batch_size: int = 16):
         id2label, label2id = label_maps(task["labels"])
         model = load_model(folder, manifest, tokenizer=tokenizer, num_labels=len(task["labels"]),
                            id2label=id2label, label2id=label2id)
-        return Classifier(use_pooling(model, task.get("pooling", "last")), tokenizer, task["labels"], base_model=manifest["base_model"]["name"],
+        model = use_pooling(model, task.get("pooling", "last"))  # older folders: the last token
+        return Classifier(model, tokenizer, task["labels"], base_model=manifest["base_model"]["name"],
                           label_field=task["label_field"], text_fields=task["text_fields"],
                           max_length=task["max_length"], batch_size=batch_size)
     if manifest["kind"] == "multihead":

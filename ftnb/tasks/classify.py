@@ -646,7 +646,8 @@ def use_mean_pooling(model: torch.nn.Module) -> torch.nn.Module:
 
     def remember_mask(module, args, kwargs) -> None:
         # forward(input_ids, attention_mask, ...): the mask comes by keyword (Trainer, predict_logits) or second
-        mask["current"] = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[1] if len(args) > 1 else None)
+        positional = args[1] if len(args) > 1 else None
+        mask["current"] = kwargs.get("attention_mask", positional)
 
     def mean_over_tokens(module, inputs, logits: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 3:  # not per-token logits (batch, tokens, labels): the head called on its own
