@@ -51,21 +51,26 @@ def trainer_settings(folder: str, args: argparse.Namespace) -> dict:
                 **env.precision_flags(env.pick_dtype(cpu_bf16=True)))
 
 
-def train_head(train_rows, tokenizer, labels: list[str], args, pooling: str = "last") -> classify.Classifier:
+def train_head(train_rows, tokenizer, labels: list[str], args, pooling: str = "last", lora_dropout: float | None = None,
+               predict_max_length: int = 128, **training) -> classify.Classifier:
     """Recipe 01's QLoRA classifier (a new score layer, class-weighted loss) on `train_rows`; `pooling="mean"`
-    reads the mean of the tokens' hidden states instead of the last token's (`classify.use_pooling`)."""
+    reads the mean of the tokens' hidden states instead of the last token's (`classify.use_pooling`).
+    `lora_dropout` replaces LORA's, `training` adds TrainingArguments (label_smoothing_factor, weight_decay);
+    it trains on 128 tokens per ticket and predicts on up to `predict_max_length`."""
     id2label, label2id = classify.label_maps(labels)
     model = load_model(MODEL, task="seq-cls", quantization="nf4", double_quant=True, num_labels=len(labels),
                        id2label=id2label, label2id=label2id, tokenizer=tokenizer, dtype=env.pick_dtype(cpu_bf16=True))
+    lora = {**LORA, **({} if lora_dropout is None else {"lora_dropout": lora_dropout})}
     model = get_peft_model(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False),
-                           LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **LORA))
+                           LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **lora))
     classify.use_pooling(model, pooling)
     train = classify.tokenize_split(train_rows, tokenizer, LABEL_FIELD, labels, max_length=128)
-    classify.WeightedTrainer(model=model, args=TrainingArguments(**trainer_settings("/tmp/ftnb_gen_head", args)),
+    settings = {**trainer_settings("/tmp/ftnb_gen_head", args), **training}
+    classify.WeightedTrainer(model=model, args=TrainingArguments(**settings),
                              train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16),
                              class_weights=classify.class_weights(train["labels"], len(labels)),
                              callbacks=[HeapTrimCallback()]).train()
-    return classify.Classifier(model, tokenizer, labels, base_model=MODEL, max_length=128)
+    return classify.Classifier(model, tokenizer, labels, base_model=MODEL, max_length=predict_max_length)
 
 
 def train_generative(train_rows, tokenizer, labels: list[str], definitions: dict, template: str, args):
