@@ -16,8 +16,8 @@ paired differences and McNemar tests, on validation; `--ood` also scores the out
 (`data/tickets_ood`): run it once, after every setting is fixed.
 
 Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/regularisation.py --train-limit 640 --ood
-       (writes benchmarks/regularisation.json; about 25 min on 2 cores)
-       --train-limit 8 --eval-limit 8 --batch-size 2 --grad-accum 1 --out /tmp/check.json checks it in 3 minutes
+       (writes benchmarks/regularisation.json; 28 min on 2 idle cores)
+       --train-limit 8 --eval-limit 8 --batch-size 2 --grad-accum 1 --out /tmp/check.json checks it in 5 minutes
 """
 from __future__ import annotations
 
