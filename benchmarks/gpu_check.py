@@ -664,12 +664,24 @@ def check_notebook(notebook: str, model_dir: str, lengths: dict, dry_run: bool =
     row["seconds"] = round(time.perf_counter() - start, 1)
     row["phases"] = check.records
     if torch.cuda.is_available():
-        row["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / MIB, 1)
-        row["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / MIB, 1)
+        row.update(notebook_peaks(check.records, torch.cuda.max_memory_allocated() / MIB,
+                                  torch.cuda.max_memory_reserved() / MIB))
     row["predicted_allocated_mib"] = round(max((e.allocated_bytes for e in estimates.values()), default=0) / MIB, 1)
     row["predicted_total_mib"] = round(max((e.total_bytes for e in estimates.values()), default=0) / MIB, 1)
     row["predicted_fits_t4"] = all(e.fits(T4).fits for e in estimates.values())
     return row
+
+
+def notebook_peaks(phases: list[dict], allocated_since_reset: float = 0.0, reserved_since_reset: float = 0.0) -> dict:
+    """The notebook's peak CUDA memory (MiB): the largest of its phases' peaks and what the allocator
+    saw after the last phase. Each phase's probe resets the allocator's peak counters, so the
+    counters alone at the end hold only the last phase's peak.
+    Usage: notebook_peaks(check.records, torch.cuda.max_memory_allocated() / MIB, torch.cuda.max_memory_reserved() / MIB)"""
+    def largest(key: str, since_reset: float) -> float:
+        return round(max([since_reset, *(phase[key] for phase in phases if key in phase)]), 1)
+
+    return {"peak_allocated_mib": largest("peak_allocated_mib", allocated_since_reset),
+            "peak_reserved_mib": largest("peak_reserved_mib", reserved_since_reset)}
 
 
 def _in_own_process(notebook: str, model_dir: Path, lengths_file: Path, result_file: Path) -> dict:

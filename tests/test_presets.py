@@ -182,6 +182,29 @@ def test_gpu_check_token_lengths_come_from_the_data():
     assert lengths["chat_prompt"] < lengths["domain_prompt"]
 
 
+def test_gpu_check_notebook_peak_is_the_largest_phase():
+    """Each phase's probe resets CUDA's peak counters: the notebook's peak must come from its phases,
+    not from the counters left after the last phase."""
+    phases = [{"phase": "load", "peak_allocated_mib": 300.0, "peak_reserved_mib": 400.0},
+              {"phase": "train", "peak_allocated_mib": 900.04, "peak_reserved_mib": 1200.0},
+              {"phase": "cpu only", "peak_rss_mib": 5000.0},
+              {"phase": "chat", "peak_allocated_mib": 250.0, "peak_reserved_mib": 1200.0}]
+    assert _gpu_check().notebook_peaks(phases, 250.0, 1200.0) == {"peak_allocated_mib": 900.0,
+                                                                  "peak_reserved_mib": 1200.0}
+    assert _gpu_check().notebook_peaks([], 12.34, 56.0) == {"peak_allocated_mib": 12.3, "peak_reserved_mib": 56.0}
+
+
+def test_recorded_gpu_check_fits_a_t4():
+    """benchmarks/gpu_check_t4.json, the last GPU run: every notebook it holds completed, under the
+    T4 cap it ran with, with its peak the largest of its phases."""
+    record = json.loads((REPO_ROOT / "benchmarks" / "gpu_check_t4.json").read_text())
+    cap_mib = record["memory_cap_gib"] * 1024
+    for notebook in record["notebooks"]:
+        assert notebook["status"] == "completed", (notebook["notebook"], notebook.get("error"))
+        phase_peaks = [phase["peak_allocated_mib"] for phase in notebook["phases"]]
+        assert notebook["peak_allocated_mib"] == max(phase_peaks) < notebook["peak_reserved_mib"] <= cap_mib
+
+
 def test_notebook_03_clamps_a_row_limit_beyond_the_data(capsys):
     """03's `first_rows` (its set-up cell), run on a stand-in split: a limit beyond the data uses
     every row and says so; a limit below 1 is an error naming the parameter."""
