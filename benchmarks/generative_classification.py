@@ -73,6 +73,19 @@ def train_head(train_rows, tokenizer, labels: list[str], args, pooling: str = "l
     return classify.Classifier(model, tokenizer, labels, base_model=MODEL, max_length=predict_max_length)
 
 
+def head_probabilities(train_rows, tokenizer, labels: list[str], args, splits: dict, **settings) -> tuple[dict, float]:
+    """Train recipe 01's head (`settings`: train_head's keywords), score every split, free the model.
+    Returns ({split: probabilities}, training seconds).
+    Usage: probabilities, seconds = head_probabilities(train_rows, tok, labels, args, splits, pooling="mean")"""
+    start = time.perf_counter()
+    head = train_head(train_rows, tokenizer, labels, args, **settings)
+    seconds = time.perf_counter() - start
+    probabilities = {split: head.probabilities(list(rows)) for split, rows in splits.items()}
+    del head
+    release_memory()
+    return probabilities, seconds
+
+
 def train_generative(train_rows, tokenizer, labels: list[str], definitions: dict, template: str, args):
     """The causal LM taught to answer each ticket's label word after the zero-shot question."""
     model = load_model(MODEL, quantization="nf4", double_quant=True, tokenizer=tokenizer,
@@ -183,12 +196,7 @@ def main() -> None:
     seconds["zero-shot (scoring)"] = time.perf_counter() - start
     del base
     release_memory()
-    start = time.perf_counter()
-    head = train_head(train_rows, tokenizer, labels, args)
-    seconds["head (training)"] = time.perf_counter() - start
-    head_probs = {split: head.probabilities(list(rows)) for split, rows in splits.items()}
-    del head
-    release_memory()
+    head_probs, seconds["head (training)"] = head_probabilities(train_rows, tokenizer, labels, args, splits)
     start = time.perf_counter()
     lm = train_generative(train_rows, tokenizer, labels, definitions, template, args)
     seconds["generative (training)"] = time.perf_counter() - start

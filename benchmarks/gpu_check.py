@@ -175,10 +175,12 @@ def notebook_estimates(notebook: str, params: dict, model: str, half: str = "flo
         out["zero-shot"] = estimate_inference_memory(
             model, p["quantization"], p["double_quant"], SIZES["zero_shot_batch"],
             lengths["zero_shot_prefix"] + lengths["ticket"] + LABEL_TOKENS, **cuda)
-    if notebook == "02_domain_generation" and lengths:
-        out["generation"] = estimate_inference_memory(
-            model, p["quantization"], p["double_quant"], p["gen_batch_size"],
-            lengths["domain_prompt"] + p["max_new_tokens"], **cuda)
+    if notebook == "02_domain_generation" and lengths:  # its evaluation: a perplexity batch, then generation
+        perplexity = estimate_inference_memory(model, p["quantization"], p["double_quant"], SIZES["perplexity_batch"],
+                                               p["max_length"], scored_positions=p["max_length"], **cuda)
+        generation = estimate_inference_memory(model, p["quantization"], p["double_quant"], p["gen_batch_size"],
+                                               lengths["domain_prompt"] + p["max_new_tokens"], **cuda)
+        out["evaluation"] = max(perplexity, generation, key=lambda estimate: estimate.allocated_bytes)
     if notebook == "06_multitask_adapters":  # its two trainings, then its largest mixed batch on one base
         for phase, task, batch, length in (("classifier training", "seq-cls", p["batch_size"], p["max_length"]),
                                            ("generator training", "causal-lm", p["domain_batch_size"], p["domain_max_length"])):
@@ -208,7 +210,8 @@ def notebook_estimates(notebook: str, params: dict, model: str, half: str = "flo
         for name in p["formats"]:
             quantization, double_quant, dtype = QUANT_FORMATS[name]
             out[name] = estimate_inference_memory(model, quantization, double_quant, p["batch_size"], p["max_length"],
-                                                  device="cuda", compute_dtype=dtype or half)
+                                                  scored_positions=p["max_length"], device="cuda",
+                                                  compute_dtype=dtype or half)  # the perplexity batch: every position
     if notebook == "04_memory_lab":
         for s in memory_lab_settings(p, half):
             out[_setting_name(s)] = estimate_training_memory(model, lora_dropout=0.05, padded=False, device="cuda", **s)
@@ -493,13 +496,13 @@ def domain_generation(model_dir: str, p: dict, check: Check) -> dict:
         _generate(net, p["gen_batch_size"], check.lengths["domain_prompt"], p["max_new_tokens"], tok.pad_token_id)
 
     net.eval()
-    check.run("base model: evaluate", evaluate, estimate="generation")
+    check.run("base model: evaluate", evaluate, estimate="evaluation")
     net = _add_lora(net, p)
     rows = _lm_rows(p["batch_size"] * p["grad_accum"] * check.sizes["train_steps"], p["max_length"], net.config.vocab_size)
     net.train()
     step = check.run("QLoRA SFT", lambda: _train(net, p, rows, check), estimate="training")
     net.eval()
-    check.run("tuned model: evaluate", evaluate, estimate="generation")
+    check.run("tuned model: evaluate", evaluate, estimate="evaluation")
     return {"seconds_per_step": step}
 
 

@@ -14,13 +14,11 @@ Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/pooling.py --train-l
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from generative_classification import (LABEL_FIELD, MODEL, arguments, load_tickets, report, result_of,
-                                       tfidf_probabilities, train_head)
+                                       head_probabilities, tfidf_probabilities)
 
-from ftnb.memory import release_memory
 from ftnb.models import load_tokenizer
 from ftnb.tasks import classify
 
@@ -40,13 +38,10 @@ def main() -> None:
     for split in splits:
         probabilities[split]["TF-IDF"] = tfidf[split]
     for name, pooling in (("last token", "last"), ("mean pooling", "mean")):
-        start = time.perf_counter()
-        head = train_head(train_rows, tokenizer, labels, args, pooling=pooling)
-        seconds[f"{name} (training)"] = time.perf_counter() - start
-        for split, rows in splits.items():
-            probabilities[split][name] = head.probabilities(list(rows))
-        del head
-        release_memory()
+        head, seconds[f"{name} (training)"] = head_probabilities(train_rows, tokenizer, labels, args, splits,
+                                                                pooling=pooling)
+        for split in splits:
+            probabilities[split][name] = head[split]
     result = result_of(args, train_rows, {"tfidf_C": tfidf_c}, seconds, probabilities, truth, labels, PAIRS)
     report(result, splits, seconds, args.out)
 

@@ -22,14 +22,12 @@ Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/regularisation.py --
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 from datasets import Dataset
 from generative_classification import (LABEL_FIELD, MODEL, SEED, arguments, load_tickets, report, result_of,
-                                       tfidf_probabilities, train_head)
+                                       head_probabilities, tfidf_probabilities)
 
-from ftnb.memory import release_memory
 from ftnb.models import load_tokenizer
 from ftnb.tasks import classify
 
@@ -112,14 +110,11 @@ def main() -> None:
         for split in splits:
             probabilities[split][name] = tfidf[split]
     for name, settings in CANDIDATES.items():
-        start = time.perf_counter()
-        head = train_head(varied_rows if name == "varied tickets" else train_rows, tokenizer, labels, args,
-                          predict_max_length=512, **settings)
-        seconds[f"{name} (training)"] = time.perf_counter() - start
-        for split, rows in splits.items():
-            probabilities[split][name] = head.probabilities(list(rows))
-        del head
-        release_memory()
+        head, seconds[f"{name} (training)"] = head_probabilities(
+            varied_rows if name == "varied tickets" else train_rows, tokenizer, labels, args, splits,
+            predict_max_length=512, **settings)
+        for split in splits:
+            probabilities[split][name] = head[split]
     result = result_of(args, train_rows, chosen, seconds, probabilities, truth, labels, PAIRS)
     result["settings"]["candidates"], result["settings"]["varied_share"] = CANDIDATES, VARIED_SHARE
     result["settings"]["varied_examples"] = [{"plain": r, "varied": v} for r, v in zip(train_rows, varied_rows) if r != v][:4]

@@ -114,6 +114,21 @@ def test_inference_kv_cache(smollm2):
     assert est.total_bytes > 135e6 * 2  # at least the bf16 weights
 
 
+def test_inference_scored_positions(smollm2):
+    """Perplexity keeps every position's logits: in the compute dtype, then as the loss's fp32 copy and
+    fp32 log-probabilities; generation keeps the last position's alone."""
+    def logits_bytes(**kwargs) -> int:
+        est = estimate_inference_memory(smollm2, "nf4", batch_size=16, seq_len=384, device="cuda", **kwargs)
+        return sum(r["bytes"] for r in est.rows if r["group"] == "loss")
+
+    assert logits_bytes(compute_dtype="float16") == 16 * 49152 * 4
+    assert logits_bytes(compute_dtype="float16", scored_positions=384) == 16 * 384 * 49152 * (2 + 4 + 4)
+    assert logits_bytes(compute_dtype="float32", scored_positions=384) == 16 * 384 * 49152 * (4 + 4)
+    for wrong in (0, 385):
+        with pytest.raises(ValueError, match=f"scored_positions={wrong}: .* from 1 .* to seq_len=384"):
+            estimate_inference_memory(smollm2, "nf4", batch_size=1, seq_len=384, scored_positions=wrong)
+
+
 def test_bad_input_is_explained(smollm2):
     with pytest.raises(ValueError, match="optimizer must be one of"):
         estimate_training_memory(smollm2, optimizer="adam")

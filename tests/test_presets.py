@@ -205,6 +205,28 @@ def test_recorded_gpu_check_fits_a_t4():
         assert notebook["peak_allocated_mib"] == max(phase_peaks) < notebook["peak_reserved_mib"] <= cap_mib
 
 
+def test_estimate_matches_the_recorded_gpu_evaluation_phases():
+    """The estimator against what the GPU check measured (benchmarks/gpu_check_t4.json): 03's formats
+    and 02's evaluations, each led by a perplexity batch with every position scored, within 10%."""
+    from ftnb.estimate import MIB
+    from ftnb.models import load_tokenizer
+
+    gpu_check = _gpu_check()
+    record = {nb["notebook"]: nb for nb in json.loads((REPO_ROOT / "benchmarks" / "gpu_check_t4.json").read_text())["notebooks"]}
+    lengths = gpu_check.token_lengths(load_tokenizer("smollm2-135m-instruct"))
+    checked = 0
+    for notebook in ("02_domain_generation", "03_quantization"):
+        estimates = gpu_check.notebook_estimates(notebook, record[notebook]["parameters"], "smollm2-135m-instruct",
+                                                 "float16", lengths)
+        for phase in record[notebook]["phases"]:
+            name = "evaluation" if phase["phase"].endswith("evaluate") else phase["phase"].split(":")[0]
+            if name in estimates:  # 02's training phase is named "QLoRA SFT": not compared here
+                predicted = estimates[name].allocated_bytes / MIB
+                assert abs(predicted / phase["peak_allocated_mib"] - 1) < 0.10, (notebook, phase, predicted)
+                checked += 1
+    assert checked == 2 + 6  # 02's evaluation before and after training, 03's six formats
+
+
 def test_notebook_03_clamps_a_row_limit_beyond_the_data(capsys):
     """03's `first_rows` (its set-up cell), run on a stand-in split: a limit beyond the data uses
     every row and says so; a limit below 1 is an error naming the parameter."""
