@@ -102,12 +102,20 @@ def test_ctranslate2_float32_reproduces_the_adapter_model(exports, prompts, refe
 
 
 def test_ctranslate2_int8_runs_and_records_what_it_came_from(exports, prompts, reference):
+    """int8 rounds every weight. On this tiny random model the next-token probabilities are near uniform,
+    so greedy choices are near-ties: int8's tokens may differ from float32's, and which ones depends on
+    the CPU's int8 kernels. Its logits must still follow float32's (correlation about 0.95 measured;
+    the base without the adapter: about 0.13)."""
     record = json.loads((exports["ct2-int8"] / export.EXPORT_MANIFEST).read_text())
     assert record["quantization"] == "int8" and record["task"]["system"] == sft.SYSTEM_PROMPT
     engine = export.CTranslate2Engine.load(exports["ct2-int8"])
     forced = engine.greedy(prompts, 4, min_new_tokens=4)
     assert [len(o) for o in forced] == [4] * len(prompts)
-    assert [o[0] for o in engine.greedy(prompts, NEW_TOKENS)] == [r[0] for r in reference]
+    float32 = export.CTranslate2Engine.load(exports["ct2-float32"], compute_type="float32")
+    for prompt, answer in zip(prompts, reference):
+        tokens = [engine.tokenizer.convert_ids_to_tokens([*prompt, *answer])]
+        int8_logits, float32_logits = (np.array(e.generator.forward_batch(tokens))[0] for e in (engine, float32))
+        assert np.corrcoef(int8_logits.ravel(), float32_logits.ravel())[0, 1] > 0.8
 
 
 def test_merged_classifier_predicts_like_the_adapter(classifier_dir, tmp_path):
