@@ -33,6 +33,11 @@ def _gpu_check():
     return module
 
 
+def _gpu_record() -> dict:
+    """benchmarks/gpu_check_t4.json: the last GPU check's record."""
+    return json.loads((REPO_ROOT / "benchmarks" / "gpu_check_t4.json").read_text())
+
+
 def _effective(notebook: Path, preset: str) -> dict:
     """The values the notebook runs with: its defaults, updated by the preset."""
     return {**{name: p.default for name, p in typed_parameters(notebook).items()}, **presets_for(notebook)[preset]}
@@ -197,7 +202,7 @@ def test_gpu_check_notebook_peak_is_the_largest_phase():
 def test_recorded_gpu_check_fits_a_t4():
     """benchmarks/gpu_check_t4.json, the last GPU run: every notebook it holds completed, under the
     T4 cap it ran with, with its peak the largest of its phases."""
-    record = json.loads((REPO_ROOT / "benchmarks" / "gpu_check_t4.json").read_text())
+    record = _gpu_record()
     cap_mib = record["memory_cap_gib"] * 1024
     for notebook in record["notebooks"]:
         assert notebook["status"] == "completed", (notebook["notebook"], notebook.get("error"))
@@ -212,7 +217,7 @@ def test_estimate_matches_the_recorded_gpu_evaluation_phases():
     from ftnb.models import load_tokenizer
 
     gpu_check = _gpu_check()
-    record = {nb["notebook"]: nb for nb in json.loads((REPO_ROOT / "benchmarks" / "gpu_check_t4.json").read_text())["notebooks"]}
+    record = {nb["notebook"]: nb for nb in _gpu_record()["notebooks"]}
     lengths = gpu_check.token_lengths(load_tokenizer("smollm2-135m-instruct"))
     checked = 0
     for notebook in ("02_domain_generation", "03_quantization"):
