@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 
 from ftnb import saved
-from ftnb.inference import left_pad
+from ftnb.inference import left_pad, target_nll
 from ftnb.tasks import sft
 
 EXPORT_MANIFEST = "ftnb_export.json"
@@ -224,18 +224,11 @@ class TransformersEngine:
             self.tokenizer, width, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens))
         return [_until_stop(row, self.stops) for row in out[:, width:].tolist()]
 
-    @torch.no_grad()
     def score(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[float]:
         """Summed log-probability of each target's ids following its prompt (teacher forcing)."""
-        ids, mask = left_pad([[*p, *t] for p, t in zip(prompts, targets, strict=True)], self.tokenizer.pad_token_id,
-                             self.model.device)
-        # left padding: every target ends at the last position, so only the last positions' logits are needed;
-        # the prompts' batch x length x vocabulary logits are never computed
-        keep = max(len(t) for t in targets) + 1
-        logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[:, :-1]
-        logprobs = torch.log_softmax(logits.float(), -1)
-        token_logprobs = logprobs.gather(-1, ids[:, ids.shape[1] - keep + 1:, None])[..., 0]
-        return [float(row[len(row) - len(t):].sum()) for row, t in zip(token_logprobs, targets)]
+        nll = target_nll(self.model, self.tokenizer.pad_token_id,
+                         [[*p, *t] for p, t in zip(prompts, targets, strict=True)], [len(t) for t in targets])
+        return [-n for n in nll]
 
 
 class CTranslate2Engine:

@@ -24,6 +24,29 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int,
     return ids, mask
 
 
+@torch.no_grad()
+def target_nll(model, pad_id: int, sequences: Sequence[Sequence[int]], target_lengths: Sequence[int]) -> list[float]:
+    """Per sequence: the summed negative log-likelihood of its last `target_lengths[i]` tokens given
+    the tokens before them (teacher forcing), all rows in one left-padded forward pass.
+
+    Left padding ends every target at the last position, so the model computes full-vocabulary logits
+    for the last (longest target + 1) positions only (`logits_to_keep`), never for the prompts; position
+    ids follow the mask, so padding shifts no row.
+
+    Usage: target_nll(model, tok.pad_token_id, [prompt + answer], [len(answer)])  # [nll of the answer]
+    """
+    ids, mask = left_pad(sequences, pad_id, model.device)
+    keep = max(target_lengths) + 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    nll = []
+    for row, length in enumerate(target_lengths):
+        # the row's last `length` tokens are its target; the logits one position earlier predict them
+        predicted, target = logits[row, keep - 1 - length:-1].float(), ids[row, ids.shape[1] - length:]
+        nll.append(float(torch.nn.functional.cross_entropy(predicted, target, reduction="sum")) if length else 0.0)
+    return nll
+
+
 def chat_inputs(tokenizer, prompt: str | list[dict], device: torch.device | str = "cpu") -> dict:
     """Token ids for a user prompt (or a list of messages) plus the assistant header,
     exactly as the chat template lays them out."""

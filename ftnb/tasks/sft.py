@@ -33,7 +33,7 @@ from datasets import Dataset
 
 from ftnb import stats
 from ftnb.data import Schema
-from ftnb.inference import chat_inputs, left_pad
+from ftnb.inference import chat_inputs, target_nll
 from ftnb.memory import release_memory
 from ftnb.tasks.formats import adherence_report, format_adherence
 
@@ -228,10 +228,8 @@ def response_nll(model, tokenizer, rows: list[dict] | Dataset, max_length: int =
     """Per row: summed negative log-likelihood of the reference response given its prompt
     (completion tokens only, end-of-turn included), token count, and whether max_length cut it.
 
-    Memory stays bounded by `batch_size`: rows are batched longest-first with left padding, so
-    every response ends at the last position and the model computes full-vocabulary logits for
-    the last (longest response + 1) positions only (`logits_to_keep`), not for the prompts; the
-    loss is then taken one row at a time.
+    Memory stays bounded by `batch_size`: rows are batched longest-first, and each batch computes
+    full-vocabulary logits for its responses' positions only (ftnb.inference.target_nll).
 
     Usage: nll = response_nll(model, tok, ds["test"], batch_size=8); sum(r["nll"] for r in nll)
     """
@@ -244,19 +242,11 @@ def response_nll(model, tokenizer, rows: list[dict] | Dataset, max_length: int =
         examples.append((full[:max_length], trained, len(full) > max_length))
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
     results: list[dict] = [{} for _ in examples]
-    for start in range(0, len(order), batch_size):
+    for start in range(0, len(order), batch_size):  # one batch of logits alive at a time
         batch = order[start:start + batch_size]
-        ids, mask = left_pad([examples[i][0] for i in batch], tokenizer.pad_token_id, model.device)
-        keep = max(examples[i][1] for i in batch) + 1  # the positions that predict a response token
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the positions
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-        for k, i in enumerate(batch):
-            trained = examples[i][1]
-            # the row's last `trained` tokens are its response; the logits one position earlier predict them
-            predicted, target = logits[k, keep - 1 - trained:-1].float(), ids[k, ids.shape[1] - trained:]
-            nll = torch.nn.functional.cross_entropy(predicted, target, reduction="sum") if trained else 0.0
-            results[i] = {"nll": float(nll), "tokens": trained, "truncated": examples[i][2]}
-        del logits  # before the next batch's forward pass, not after it: one batch of logits at a time
+        nll = target_nll(model, tokenizer.pad_token_id, [examples[i][0] for i in batch], [examples[i][1] for i in batch])
+        for i, row_nll in zip(batch, nll):
+            results[i] = {"nll": row_nll, "tokens": examples[i][1], "truncated": examples[i][2]}
     return results
 
 
