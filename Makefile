@@ -16,8 +16,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
+# Two workers (pytest-xdist), each on half the cores (tests/conftest.py): one alone leaves a core idle
+# while a kernel starts, imports or waits on a subprocess; a module's tests stay on one worker.
 test: setup
-	$(OFFLINE) $(BIN)/python -m pytest -q --durations=25 tests
+	$(OFFLINE) $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25 tests
 
 main: setup
 	$(OFFLINE) $(BIN)/python -m ftnb run notebooks/01_ticket_classification.ipynb --preset cpu

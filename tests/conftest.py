@@ -11,8 +11,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+def _share_the_cores_between_workers() -> None:
+    """Under `pytest -n N` (pytest-xdist, as `make test` runs), worker k keeps every N-th core.
+    The notebooks and scripts set torch's threads to the cores they may use (ftnb.env.use_all_cores)
+    and child processes inherit the set, so N workers never run more threads than there are cores:
+    oversubscribed, OpenMP's spinning threads slow every worker down."""
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not (worker and workers and hasattr(os, "sched_setaffinity")):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    mine = cores[int(worker.removeprefix("gw")) % len(cores)::int(workers)]
+    os.sched_setaffinity(0, mine)
+
+
+_share_the_cores_between_workers()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
     from ftnb.models import resolve
 
     return resolve("tiny-llama-test")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Under `pytest -n N --dist loadgroup`: a module's tests share its module fixtures (models trained
+    once), so each module runs on one worker; the notebook runs, independent and the longest, spread out."""
+    for item in items:
+        module = item.module.__name__
+        if module != "test_notebooks":
+            item.add_marker(pytest.mark.xdist_group(module))
