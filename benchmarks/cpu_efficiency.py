@@ -24,7 +24,8 @@ counted: their time is part of what keeps the share below 1.
 
 Also measured at the same token count: the extra time of the NF4 layers over fp32 matmuls of
 the same shapes (bitsandbytes de-quantizes each weight in the forward pass and again for the
-input gradient), and the cross-entropy over the whole vocabulary (02).
+input gradient), the adapters' dropout (`lora_dropout` 0.05: a fresh random mask over every adapted
+layer's input in every forward pass), and the cross-entropy over the whole vocabulary (02).
 
 On a CPU with bf16 instructions (AVX512-BF16, AMX) the same steps run once more computing in bf16
 (notebook 01's `cpu_bf16`), against the bf16 matmul throughput of the same shapes and against the fp32 one.
@@ -42,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -49,6 +51,7 @@ import bitsandbytes.functional as bnbF
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.lora import LoraLayer
 from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +159,18 @@ def nf4_overhead_seconds(model, tokens: int) -> float:
     return total * model.config.num_hidden_layers
 
 
+def lora_dropout_seconds(model, tokens: int) -> float:
+    """Per micro-batch of `tokens` rows: the adapters' dropout on their inputs, summed over the adapted
+    layers (peft draws a new random mask for each, q, k and v included though they read the same input).
+    Its backward, a multiplication by the same mask, is not counted."""
+    widths = Counter(m.in_features for m in model.modules() if isinstance(m, LoraLayer))
+    total = 0.0
+    for width, layers in widths.items():
+        x = torch.randn(tokens, width)
+        total += layers * _median_seconds(lambda: F.dropout(x, LORA["lora_dropout"], training=True), repeats=3)
+    return total
+
+
 def vocabulary_loss_seconds(tokens: int, vocab: int) -> float:
     """Cross-entropy over the whole vocabulary, forward and backward, for `tokens` positions."""
     logits = torch.randn(tokens, vocab, requires_grad=True)
@@ -240,6 +255,7 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
     tokens_real, tokens_executed, tokens_per_micro = token_counts(batches)
     matmul = matmul_throughput(config, tokens_per_micro, head)
     nf4_s = nf4_overhead_seconds(model, tokens_per_micro) * len(batches) / steps
+    dropout_s = lora_dropout_seconds(model, tokens_per_micro) * len(batches) / steps
     loss_s = vocabulary_loss_seconds(tokens_per_micro, head[1]) * len(batches) / steps if not head_trained else 0.0
     step_s = seconds / steps
     out = {
@@ -252,9 +268,11 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
         "matmul_fp32_gflops": matmul / 1e9, "matmul_tokens": tokens_per_micro,
         "fraction_real": real / seconds / matmul, "fraction_executed": executed / seconds / matmul,
         "nf4_overhead_s_per_step": nf4_s, "nf4_overhead_share": nf4_s / step_s,
+        "lora_dropout_s_per_step": dropout_s, "lora_dropout_share": dropout_s / step_s,
         "vocabulary_loss_s_per_step": loss_s, "vocabulary_loss_share": loss_s / step_s,
         # what the share of the matmul limit would be with that cost gone (the same real FLOPs)
         "fraction_real_without_nf4_overhead": real / steps / (step_s - nf4_s) / matmul,
+        "fraction_real_without_lora_dropout": real / steps / (step_s - dropout_s) / matmul,
         "fraction_real_without_padding": real / seconds / matmul * tokens_executed / tokens_real,
     }
     return out
@@ -302,7 +320,8 @@ def main() -> None:
               f"padding {row['padding_waste']:.0%}; {row['achieved_gflops_real']:.1f} GFLOP/s real "
               f"({row['achieved_gflops_executed']:.1f} as executed) of {row['matmul_fp32_gflops']:.1f} GFLOP/s "
               f"fp32 matmul = {row['fraction_real']:.2f} ({row['fraction_executed']:.2f}); NF4 overhead "
-              f"{row['nf4_overhead_share']:.0%} of a step, vocabulary loss {row['vocabulary_loss_share']:.0%}")
+              f"{row['nf4_overhead_share']:.0%} of a step, LoRA dropout {row['lora_dropout_share']:.0%}, "
+              f"vocabulary loss {row['vocabulary_loss_share']:.0%}")
         if env.cpu_native_bf16():
             result["recipes_bf16"][name] = half = measure_bf16(build, args.model, tokenizer, args.steps, row)
             print(f"{name}, bf16: {half['seconds_per_step']:.2f} s/step ({half['speedup_over_fp32']:.2f}x fp32), "
