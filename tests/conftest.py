@@ -12,16 +12,18 @@ import pytest  # noqa: E402
 
 
 def _share_the_cores_between_workers() -> None:
-    """Under `pytest -n N` (pytest-xdist, as `make test` runs), worker k keeps every N-th core.
-    The notebooks and scripts set torch's threads to the cores they may use (ftnb.env.use_all_cores)
-    and child processes inherit the set, so N workers never run more threads than there are cores:
-    oversubscribed, OpenMP's spinning threads slow every worker down."""
+    """Under `pytest -n N` (pytest-xdist, as `make test` runs), worker k keeps the k-th of N shares of the
+    cores (ftnb.runner.core_shares). The notebooks and scripts set torch's threads to the cores they may
+    use (ftnb.env.use_all_cores) and child processes inherit the set, so N workers never run more threads
+    than there are cores: oversubscribed, OpenMP's spinning threads slow every worker down."""
+    from ftnb.runner import core_shares  # no torch import: its thread pool is sized after the pinning
+
     worker, workers = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if not (worker and workers and hasattr(os, "sched_setaffinity")):
+    if not (worker and workers):
         return
-    cores = sorted(os.sched_getaffinity(0))
-    mine = cores[int(worker.removeprefix("gw")) % len(cores)::int(workers)]
-    os.sched_setaffinity(0, mine)
+    share = core_shares(int(workers))[int(worker.removeprefix("gw"))]
+    if share:  # None where the OS cannot pin processes
+        os.sched_setaffinity(0, share)
 
 
 _share_the_cores_between_workers()
