@@ -25,7 +25,9 @@ counted: their time is part of what keeps the share below 1.
 Also measured at the same token count: the extra time of the NF4 layers over fp32 matmuls of
 the same shapes (bitsandbytes de-quantizes each weight in the forward pass and again for the
 input gradient), the adapters' dropout (`lora_dropout` 0.05: a fresh random mask over every adapted
-layer's input in every forward pass), and the cross-entropy over the whole vocabulary (02).
+layer's input in every forward pass), and the cross-entropy over the whole vocabulary (02). For 02, the
+same steps again with the adapters in bf16, as TRL's SFTTrainer stores a quantized model's adapters
+(the recipe puts them back in fp32 with `sft.keep_fp32_adapters`): what that costs where bf16 is emulated.
 
 On a CPU with bf16 instructions (AVX512-BF16, AMX) the same steps run once more computing in bf16
 (notebook 01's `cpu_bf16`), against the bf16 matmul throughput of the same shapes and against the fp32 one.
@@ -36,6 +38,7 @@ Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py   
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -204,9 +207,10 @@ def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, 
     return trainer, recorder, (model.config.hidden_size, len(labels)), True
 
 
-def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype):
+def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
+                trl_bf16_adapters: bool = False):
     """Recipe 02 at its cpu preset (notebook 02's training cells), limited to `steps` optimizer steps,
-    computing in `dtype`."""
+    computing in `dtype`; `trl_bf16_adapters` leaves the adapters in the bf16 TRL stores them in."""
     from trl import SFTConfig, SFTTrainer
 
     rows = data.subset(data.load("domains", schema=sft.SCHEMA)["train"], 360, SEED, stratify="domain")
@@ -220,6 +224,8 @@ def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torc
         completion_only_loss=True, gradient_checkpointing=False, **env.precision_flags(dtype),
         save_strategy="no", report_to="none", disable_tqdm=True, seed=SEED)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    if not trl_bf16_adapters:
+        sft.keep_fp32_adapters(trainer)
     recorder = ShapeRecorder(trainer.data_collator)
     trainer.data_collator = recorder
     return trainer, recorder, (model.config.hidden_size, model.config.vocab_size), False
@@ -278,6 +284,14 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
     return out
 
 
+def bf16_adapter_cost(model_name: str, tokenizer, steps: int, fp32: dict) -> dict:
+    """Recipe 02's fp32 steps once more with the adapters left in bf16 as TRL stores them (without
+    sft.keep_fp32_adapters): peft then computes every adapter matmul in bf16."""
+    build = functools.partial(sft_trainer, trl_bf16_adapters=True)
+    _, _, seconds, _, _ = timed_steps(build, model_name, tokenizer, steps, torch.float32)
+    return {"seconds_per_step": seconds / steps, "times_the_fp32_adapters": seconds / steps / fp32["seconds_per_step"]}
+
+
 def measure_bf16(build, model_name: str, tokenizer, steps: int, fp32: dict) -> dict:
     """The same steps computing in bf16 (a CPU with bf16 instructions: notebook 01's cpu_bf16), against
     the bf16 and the fp32 matmul throughput of the same shapes, and the speed-up over the fp32 row."""
@@ -322,6 +336,10 @@ def main() -> None:
               f"fp32 matmul = {row['fraction_real']:.2f} ({row['fraction_executed']:.2f}); NF4 overhead "
               f"{row['nf4_overhead_share']:.0%} of a step, LoRA dropout {row['lora_dropout_share']:.0%}, "
               f"vocabulary loss {row['vocabulary_loss_share']:.0%}")
+        if build is sft_trainer:
+            row["trl_bf16_adapters"] = slow = bf16_adapter_cost(args.model, tokenizer, args.steps, row)
+            print(f"{name}, adapters in bf16 as TRL stores them: {slow['seconds_per_step']:.2f} s/step "
+                  f"({slow['times_the_fp32_adapters']:.2f}x the fp32 adapters)")
         if env.cpu_native_bf16():
             result["recipes_bf16"][name] = half = measure_bf16(build, args.model, tokenizer, args.steps, row)
             print(f"{name}, bf16: {half['seconds_per_step']:.2f} s/step ({half['speedup_over_fp32']:.2f}x fp32), "

@@ -34,7 +34,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 from ftnb import data, env, stats  # noqa: E402
 from ftnb.memory import HeapTrimCallback, process_peak_rss_mib, release_memory  # noqa: E402
 from ftnb.models import load_model, load_tokenizer, plain_forward  # noqa: E402
-from ftnb.tasks import classify  # noqa: E402
+from ftnb.tasks import classify, sft  # noqa: E402
 
 MODEL, LABEL_FIELD, SEED = "smollm2-135m-instruct", "category", 0
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
@@ -95,8 +95,10 @@ def train_generative(train_rows, tokenizer, labels: list[str], definitions: dict
     train = classify.generative_examples(train_rows, LABEL_FIELD, labels, definitions, template)
     config = SFTConfig(**trainer_settings("/tmp/ftnb_gen_lm", args), max_length=512, packing=True,
                        completion_only_loss=True)
-    SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
-               callbacks=[HeapTrimCallback()]).train()
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
+                         callbacks=[HeapTrimCallback()])
+    sft.keep_fp32_adapters(trainer)  # as recipe 02: bf16 adapters only where training computes in bf16
+    trainer.train()
     return plain_forward(model)  # the Trainer's autocast wrapper off: score what a reload would compute
 
 

@@ -2,7 +2,8 @@
 base, each asked for by task name, compute what each folder computes alone (also in a fresh process), mixed
 batches equal per-row runs, and the guards; the server serves each head of a multihead folder.
 tiny-llama-test in NF4, trained a few steps as recipes 01 (WeightedTrainer, head in modules_to_save),
-02 (TRL's SFTTrainer, which stores QLoRA adapters in bf16) and 06 (MultiHeadTrainer) train theirs.
+02 (TRL's SFTTrainer; its adapters are left in the bf16 TRL stores them in, as recipe 02 saves them where
+training computes in bf16) and 06 (MultiHeadTrainer) train theirs.
 
 Worth its ~30 s: it is the only check that a classifier's LoRA and head, moved from a
 sequence-classification model onto a causal LM, still compute the saved classifier."""
@@ -222,8 +223,9 @@ def test_mixed_batches_equal_each_row_run_with_its_own_task(mt):
 
 
 def test_a_batch_never_mixes_adapters_stored_in_different_dtypes(folders, tmp_path):
-    """TRL stores QLoRA adapters in bf16; one trained with the plain Trainer stays fp32. peft's mixed
-    forward would cast every row to the dtype of whichever adapter it visits first."""
+    """TRL stores QLoRA adapters in bf16 (recipe 02 keeps them so where training computes in bf16); one
+    trained with the plain Trainer stays fp32. peft's mixed forward would cast every row to the dtype of
+    whichever adapter it visits first."""
     tok = load_tokenizer(BASE)
     model = get_peft_model(load_model(BASE, quantization="nf4"), LoraConfig(task_type="CAUSAL_LM", r=4,
                                                                           target_modules="all-linear"))

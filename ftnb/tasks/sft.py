@@ -7,6 +7,7 @@ Usage:
     sft.check_same_template(tok, rows[0])                               # inference prompt == training prefix
     test = sft.evaluate_split(model, tok, test_rows, gen_rows, formats=formats.read_formats("domains"))
     test.table, test.adherence_intervals()                              # perplexity, adherence, ROUGE-L
+    sft.keep_fp32_adapters(trainer)                                     # fp32 adapters unless training is bf16
     sft.packing_summary(trainer.train_dataset, batch_size=2)            # examples per packed row, padding
     sft.perplexity(model, tok, rows)                                    # {'loss': ..., 'perplexity': ...}
     sft.perplexity_interval(sft.response_nll(model, tok, rows))         # with a bootstrap interval over rows
@@ -614,6 +615,29 @@ def evaluate(model, tokenizer, ppl_rows: list[dict], gen_rows: list[dict], max_l
     result = evaluate_split(model, tokenizer, ppl_rows, gen_rows, max_length, max_new_tokens, batch_size, system,
                             ppl_batch_size, formats, **generation_kwargs)
     return result.table, result.rules, result.outputs
+
+
+def keep_fp32_adapters(trainer) -> int:
+    """Put back in fp32 the adapter weights that TRL's SFTTrainer stored in bf16, unless the Trainer
+    computes in bf16; returns how many tensors were cast. Call it after building the trainer, before
+    `train()` (the optimizer is made there, on the tensors as they are then).
+
+    TRL stores a quantized model's trainable weights in bf16, as the QLoRA paper did with bf16
+    compute. peft then casts each adapted layer's input to bf16 too, so every adapter matmul runs in
+    bf16 whatever the Trainer's precision. A CPU without bf16 instructions emulates those thin matmuls
+    (15-45x slower than in fp32 on a 2-core AVX2 CPU; recipe 02's steps took 1.6x as long,
+    benchmarks/cpu_efficiency_avx2.json), and AdamW's updates are rounded to bf16's 8 significant
+    bits with no fp32 copy behind them. In fp32 (a CPU) or fp16 (a T4, whose autocast computes the
+    adapters in fp16 anyway) the weights belong in fp32, as any mixed-precision master copy is.
+
+    Usage: trainer = SFTTrainer(model=model, args=args, ...); sft.keep_fp32_adapters(trainer)
+    """
+    if trainer.args.bf16:
+        return 0
+    cast = [p for p in trainer.model.parameters() if p.requires_grad and p.dtype == torch.bfloat16]
+    for parameter in cast:
+        parameter.data = parameter.data.float()
+    return len(cast)
 
 
 def packing_summary(packed_rows: Dataset | list[dict], batch_size: int, seed: int = 0) -> dict:
