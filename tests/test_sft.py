@@ -127,8 +127,9 @@ def test_too_long_examples_are_reported_or_raise(tok, capsys):
         sft.build_sft_dataset(ROWS, tok, limit, on_too_long="raise")
 
 
-def _trainer(model_path, tok, packing: bool, tmp_path, precision: torch.dtype | None = None):
-    model = load_model(model_path, dtype=torch.float32)
+def _trainer(model_path, tok, packing: bool, tmp_path, precision: torch.dtype | None = None,
+             quantization: str = "none"):
+    model = load_model(model_path, quantization=quantization, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     data, _ = sft.build_sft_dataset(ROWS * 2, tok, 512)
     args = SFTConfig(output_dir=str(tmp_path), max_length=512, packing=packing, completion_only_loss=True,
@@ -161,20 +162,10 @@ def test_a_model_trained_in_half_precision_computes_what_its_reload_computes(tin
     assert (in_autocast - again).abs().max() > 1e-4  # what the wrapper changed: a reload check would fail
 
 
-def _qlora_trainer(model_path, tok, tmp_path, precision: torch.dtype):
-    model = get_peft_model(load_model(model_path, quantization="nf4", dtype=torch.float32),
-                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    data, _ = sft.build_sft_dataset(ROWS * 2, tok, 512)
-    args = SFTConfig(output_dir=str(tmp_path), max_length=512, completion_only_loss=True, max_steps=1,
-                     per_device_train_batch_size=2, report_to="none", save_strategy="no", disable_tqdm=True,
-                     **env.precision_flags(precision))
-    return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
-
-
 def test_qlora_adapters_train_in_fp32_unless_the_trainer_computes_in_bf16(tiny_model_path, tok, tmp_path):
     """TRL stores an NF4 model's adapters in bf16 whatever the precision; keep_fp32_adapters puts them back
     in fp32 for an fp32 Trainer (peft then computes the adapters in fp32 too) and leaves a bf16 one alone."""
-    trainer = _qlora_trainer(tiny_model_path, tok, tmp_path / "fp32", torch.float32)
+    trainer = _trainer(tiny_model_path, tok, False, tmp_path / "fp32", torch.float32, quantization="nf4")
     lora = [p for n, p in trainer.model.named_parameters() if "lora_" in n]
     assert lora and {p.dtype for p in lora} == {torch.bfloat16}  # TRL's choice, which the helper undoes
     assert sft.keep_fp32_adapters(trainer) == len(lora)
@@ -185,7 +176,7 @@ def test_qlora_adapters_train_in_fp32_unless_the_trainer_computes_in_bf16(tiny_m
     assert {p.dtype for p in lora} == {torch.float32} and seen and set(seen) == {torch.float32}
     assert sft.keep_fp32_adapters(trainer) == 0  # nothing left to cast
 
-    in_bf16 = _qlora_trainer(tiny_model_path, tok, tmp_path / "bf16", torch.bfloat16)
+    in_bf16 = _trainer(tiny_model_path, tok, False, tmp_path / "bf16", torch.bfloat16, quantization="nf4")
     assert sft.keep_fp32_adapters(in_bf16) == 0
     assert {p.dtype for n, p in in_bf16.model.named_parameters() if "lora_" in n} == {torch.bfloat16}
 
