@@ -25,8 +25,10 @@ counted: their time is part of what keeps the share below 1.
 Also measured at the same token count: the extra time of the NF4 layers over fp32 matmuls of
 the same shapes (bitsandbytes de-quantizes each weight in the forward pass and again for the
 input gradient), the adapters' dropout (`lora_dropout` 0.05: a fresh random mask over every adapted
-layer's input in every forward pass), and the cross-entropy over the whole vocabulary (02). For 02, the
-same steps again with the adapters in bf16, as TRL's SFTTrainer stores a quantized model's adapters
+layer's input in every forward pass; the recipes draw it with `ftnb.dropout.FastDropout`, timed here
+beside torch's own), and the cross-entropy over the whole vocabulary (02). Then the same steps again with
+one of the recipes' CPU speed-ups undone, to time what it saves: torch's dropout instead of FastDropout
+(both recipes), and for 02 the adapters in bf16, as TRL's SFTTrainer stores a quantized model's adapters
 (the recipe puts them back in fp32 with `sft.keep_fp32_adapters`): what that costs where bf16 is emulated.
 
 On a CPU with bf16 instructions (AVX512-BF16, AMX) the same steps run once more computing in bf16
@@ -61,6 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ftnb import data, env  # noqa: E402
+from ftnb.dropout import FastDropout, use_fast_dropout  # noqa: E402
 from ftnb.models import load_model, load_tokenizer  # noqa: E402
 from ftnb.tasks import classify, sft  # noqa: E402
 
@@ -68,6 +71,8 @@ MODEL = "smollm2-135m-instruct"
 WARMUP_STEPS = 2  # the first steps pay for allocation and, grouped by length, hold the longest batch
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")  # 01's and 02's settings
 SEED = 0
+UNDONE = {"torch_dropout": "with torch's dropout",  # the speed-ups cost_of_undoing times
+          "trl_bf16_adapters": "with the adapters in bf16 as TRL stores them"}
 
 
 class StepTimer(TrainerCallback):
@@ -162,15 +167,16 @@ def nf4_overhead_seconds(model, tokens: int) -> float:
     return total * model.config.num_hidden_layers
 
 
-def lora_dropout_seconds(model, tokens: int) -> float:
-    """Per micro-batch of `tokens` rows: the adapters' dropout on their inputs, summed over the adapted
-    layers (peft draws a new random mask for each, q, k and v included though they read the same input).
-    Its backward, a multiplication by the same mask, is not counted."""
+def lora_dropout_seconds(model, tokens: int, dropout: torch.nn.Module) -> float:
+    """Per micro-batch of `tokens` rows: the adapters' dropout on their inputs with `dropout` (torch's
+    nn.Dropout or FastDropout), summed over the adapted layers (peft draws a new random mask for each, q, k
+    and v included though they read the same input). Its backward, a multiplication by the same mask, is
+    not counted."""
     widths = Counter(m.in_features for m in model.modules() if isinstance(m, LoraLayer))
     total = 0.0
     for width, layers in widths.items():
         x = torch.randn(tokens, width)
-        total += layers * _median_seconds(lambda: F.dropout(x, LORA["lora_dropout"], training=True), repeats=3)
+        total += layers * _median_seconds(lambda: dropout(x), repeats=3)
     return total
 
 
@@ -186,9 +192,10 @@ def vocabulary_loss_seconds(tokens: int, vocab: int) -> float:
     return _median_seconds(step, repeats=3)
 
 
-def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype):
+def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
+                           torch_dropout: bool = False):
     """Recipe 01 at its cpu preset (notebook 01's training cells), limited to `steps` optimizer steps,
-    computing in `dtype`."""
+    computing in `dtype`; `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout."""
     ds = data.load("tickets", schema=data.Schema.of("subject", "body", "category"))
     labels = classify.labels_for("category", ds["train"], "tickets")
     id2label, label2id = classify.label_maps(labels)
@@ -196,6 +203,8 @@ def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, 
                        id2label=id2label, label2id=label2id, tokenizer=tokenizer, dtype=dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **LORA))
+    if not torch_dropout:
+        use_fast_dropout(model)
     train = classify.tokenize_split(ds["train"], tokenizer, "category", labels, max_length=128)
     args = TrainingArguments(
         output_dir=folder, max_steps=steps, learning_rate=1e-3, per_device_train_batch_size=4,
@@ -208,9 +217,10 @@ def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, 
 
 
 def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
-                trl_bf16_adapters: bool = False):
+                torch_dropout: bool = False, trl_bf16_adapters: bool = False):
     """Recipe 02 at its cpu preset (notebook 02's training cells), limited to `steps` optimizer steps,
-    computing in `dtype`; `trl_bf16_adapters` leaves the adapters in the bf16 TRL stores them in."""
+    computing in `dtype`; `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout,
+    `trl_bf16_adapters` leaves the adapters in the bf16 TRL stores them in."""
     from trl import SFTConfig, SFTTrainer
 
     rows = data.subset(data.load("domains", schema=sft.SCHEMA)["train"], 360, SEED, stratify="domain")
@@ -218,6 +228,8 @@ def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torc
     model = load_model(model_name, quantization="nf4", double_quant=True, dtype=dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    if not torch_dropout:
+        use_fast_dropout(model)
     args = SFTConfig(
         output_dir=folder, max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=1,
         learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, max_length=384, packing=True,
@@ -261,7 +273,8 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
     tokens_real, tokens_executed, tokens_per_micro = token_counts(batches)
     matmul = matmul_throughput(config, tokens_per_micro, head)
     nf4_s = nf4_overhead_seconds(model, tokens_per_micro) * len(batches) / steps
-    dropout_s = lora_dropout_seconds(model, tokens_per_micro) * len(batches) / steps
+    dropout_s, torch_dropout_s = (lora_dropout_seconds(model, tokens_per_micro, layer) * len(batches) / steps
+                                  for layer in (FastDropout(LORA["lora_dropout"]), torch.nn.Dropout(LORA["lora_dropout"])))
     loss_s = vocabulary_loss_seconds(tokens_per_micro, head[1]) * len(batches) / steps if not head_trained else 0.0
     step_s = seconds / steps
     out = {
@@ -275,6 +288,7 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
         "fraction_real": real / seconds / matmul, "fraction_executed": executed / seconds / matmul,
         "nf4_overhead_s_per_step": nf4_s, "nf4_overhead_share": nf4_s / step_s,
         "lora_dropout_s_per_step": dropout_s, "lora_dropout_share": dropout_s / step_s,
+        "torch_lora_dropout_s_per_step": torch_dropout_s,  # the same masks drawn by torch's nn.Dropout
         "vocabulary_loss_s_per_step": loss_s, "vocabulary_loss_share": loss_s / step_s,
         # what the share of the matmul limit would be with that cost gone (the same real FLOPs)
         "fraction_real_without_nf4_overhead": real / steps / (step_s - nf4_s) / matmul,
@@ -284,12 +298,12 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
     return out
 
 
-def bf16_adapter_cost(model_name: str, tokenizer, steps: int, fp32: dict) -> dict:
-    """Recipe 02's fp32 steps once more with the adapters left in bf16 as TRL stores them (without
-    sft.keep_fp32_adapters): peft then computes every adapter matmul in bf16."""
-    build = functools.partial(sft_trainer, trl_bf16_adapters=True)
-    _, _, seconds, _, _ = timed_steps(build, model_name, tokenizer, steps, torch.float32)
-    return {"seconds_per_step": seconds / steps, "times_the_fp32_adapters": seconds / steps / fp32["seconds_per_step"]}
+def cost_of_undoing(build, undo: str, model_name: str, tokenizer, steps: int, fp32: dict) -> dict:
+    """A recipe's fp32 steps once more with one CPU speed-up undone (`undo`, a keyword of `build` set to
+    True: torch_dropout, trl_bf16_adapters), and how many times as long they take."""
+    _, _, seconds, _, _ = timed_steps(functools.partial(build, **{undo: True}), model_name, tokenizer, steps,
+                                      torch.float32)
+    return {"seconds_per_step": seconds / steps, "times_the_recipe": seconds / steps / fp32["seconds_per_step"]}
 
 
 def measure_bf16(build, model_name: str, tokenizer, steps: int, fp32: dict) -> dict:
@@ -307,6 +321,15 @@ def measure_bf16(build, model_name: str, tokenizer, steps: int, fp32: dict) -> d
             "speedup_over_fp32": fp32["seconds_per_step"] / (seconds / steps)}
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name as Linux reports it (the shares differ between CPUs), None elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per recipe")
@@ -320,7 +343,8 @@ def main() -> None:
     result = {
         "command": " ".join(["flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py", *sys.argv[1:]]),
         "measured": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "machine": {"processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+                    "cpu_bf16_instructions": env.cpu_native_bf16(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "bitsandbytes": bnb.__version__},
         "model": f"{args.model}, NF4 + double quant, LoRA r=16 all-linear, fp32 compute (recipes_bf16: bf16)"
@@ -334,12 +358,13 @@ def main() -> None:
               f"padding {row['padding_waste']:.0%}; {row['achieved_gflops_real']:.1f} GFLOP/s real "
               f"({row['achieved_gflops_executed']:.1f} as executed) of {row['matmul_fp32_gflops']:.1f} GFLOP/s "
               f"fp32 matmul = {row['fraction_real']:.2f} ({row['fraction_executed']:.2f}); NF4 overhead "
-              f"{row['nf4_overhead_share']:.0%} of a step, LoRA dropout {row['lora_dropout_share']:.0%}, "
+              f"{row['nf4_overhead_share']:.0%} of a step, LoRA dropout {row['lora_dropout_share']:.0%} "
+              f"({row['torch_lora_dropout_s_per_step']:.2f} s/step with torch's), "
               f"vocabulary loss {row['vocabulary_loss_share']:.0%}")
-        if build is sft_trainer:
-            row["trl_bf16_adapters"] = slow = bf16_adapter_cost(args.model, tokenizer, args.steps, row)
-            print(f"{name}, adapters in bf16 as TRL stores them: {slow['seconds_per_step']:.2f} s/step "
-                  f"({slow['times_the_fp32_adapters']:.2f}x the fp32 adapters)")
+        for speed_up in ["torch_dropout"] + (["trl_bf16_adapters"] if build is sft_trainer else []):
+            row[speed_up] = slow = cost_of_undoing(build, speed_up, args.model, tokenizer, args.steps, row)
+            print(f"{name}, {UNDONE[speed_up]}: {slow['seconds_per_step']:.2f} s/step "
+                  f"({slow['times_the_recipe']:.2f}x the recipe's)")
         if env.cpu_native_bf16():
             result["recipes_bf16"][name] = half = measure_bf16(build, args.model, tokenizer, args.steps, row)
             print(f"{name}, bf16: {half['seconds_per_step']:.2f} s/step ({half['speedup_over_fp32']:.2f}x fp32), "

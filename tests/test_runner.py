@@ -253,7 +253,15 @@ def test_ctrl_c_and_sigterm_end_the_run_cleanly(toy_notebook, tmp_path, sent, ex
             pytest.fail("the sleeping cell never started")
         time.sleep(1)  # papermill saves the cell's start just before the kernel receives it
         proc.send_signal(sent)
-        stderr = proc.communicate(timeout=60)[1]
+        try:
+            stderr = proc.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            # the stderr pipe stays open while the kernel (which inherits it) is alive: say which one lingered
+            ended = proc.poll()
+            state = "was still going" if ended is None else f"had ended (exit code {ended}) but its kernel had not"
+            proc.kill()
+            pytest.fail(f"60 s after the signal the run {state}; record: {_record(out)}; "
+                        f"stderr: {proc.communicate(timeout=30)[1][-2000:]}")
     finally:
         proc.kill()
     assert proc.returncode == exit_code, stderr
