@@ -26,13 +26,17 @@ Also measured at the same token count: the extra time of the NF4 layers over fp3
 the same shapes (bitsandbytes de-quantizes each weight in the forward pass and again for the
 input gradient), the adapters' dropout (`lora_dropout` 0.05: a fresh random mask over every adapted
 layer's input in every forward pass; the recipes draw it with `ftnb.dropout.FastDropout`, timed here
-beside torch's own), and the cross-entropy over the whole vocabulary (02). Then the same steps again with
+beside torch's own), the cross-entropy over the whole vocabulary (02), and the attention, forward and
+backward, with transformers' "sdpa" (on a CPU PyTorch's flash kernel) and "eager" implementations
+(02's packed rows timed as one causal sequence each, an upper bound). Then the same steps again with
 one of the recipes' CPU speed-ups undone, to time what it saves: torch's dropout instead of FastDropout
 (both recipes), and for 02 the adapters in bf16, as TRL's SFTTrainer stores a quantized model's adapters
 (the recipe puts them back in fp32 with `sft.keep_fp32_adapters`): what that costs where bf16 is emulated.
 
 On a CPU with bf16 instructions (AVX512-BF16, AMX) the same steps run once more computing in bf16
 (notebook 01's `cpu_bf16`), against the bf16 matmul throughput of the same shapes and against the fp32 one.
+Training runs inside `ftnb.models.training_attention`, as in notebook 01: in bf16 on a CPU with "eager"
+attention, else with the model's own ("sdpa"); both are timed alone in either dtype.
 
 Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py   # ~5 min on 2 cores
        (prints the breakdown and writes benchmarks/cpu_efficiency.json; --steps N: timed steps per recipe)
@@ -64,7 +68,7 @@ sys.path.insert(0, str(ROOT))
 
 from ftnb import data, env  # noqa: E402
 from ftnb.dropout import FastDropout, use_fast_dropout  # noqa: E402
-from ftnb.models import load_model, load_tokenizer  # noqa: E402
+from ftnb.models import load_model, load_tokenizer, training_attention  # noqa: E402
 from ftnb.tasks import classify, sft  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -180,6 +184,49 @@ def lora_dropout_seconds(model, tokens: int, dropout: torch.nn.Module) -> float:
     return total
 
 
+def attention_seconds(model, rows: int, width: int, dtype: torch.dtype, implementation: str,
+                      backward: bool = True) -> float:
+    """Per micro-batch of `rows` x `width` tokens: every decoder layer's attention, forward and (with
+    `backward`) backward, in `dtype`, as transformers' `implementation` computes it ("sdpa": PyTorch's fused
+    kernel, on a CPU flash attention; "eager": a matmul, a softmax in fp32, a matmul). Timed on the first
+    layer's module (every layer has the same shapes), one row half padding, under a causal mask."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    attend = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+    config = model.config
+    layer = next(m for m in model.modules() if hasattr(m, "num_key_value_groups"))
+    head_dim = config.head_dim
+    q = torch.randn(rows, config.num_attention_heads, width, head_dim, dtype=dtype, requires_grad=backward)
+    k, v = (torch.randn(rows, config.num_key_value_heads, width, head_dim, dtype=dtype, requires_grad=backward)
+            for _ in range(2))
+    keep = torch.ones(width, width, dtype=torch.bool).tril()[None, None].repeat(rows, 1, 1, 1)
+    keep[0, :, :, width // 2:] = False
+    mask = keep if implementation != "eager" else torch.zeros(keep.shape, dtype=dtype).masked_fill(
+        ~keep, torch.finfo(dtype).min)
+
+    def step():
+        with torch.set_grad_enabled(backward):
+            out, _ = attend(layer, q, k, v, mask, scaling=head_dim ** -0.5, dropout=0.0)
+        if backward:
+            out.sum().backward()
+    return _median_seconds(step, repeats=5) * config.num_hidden_layers
+
+
+def attention_seconds_per_step(model, batches: list[dict], steps: int, dtype: torch.dtype) -> dict[str, float]:
+    """The attention of the timed micro-batches (their own shapes), per optimizer step, with either
+    implementation (`attention_seconds`): what `ftnb.models.training_attention` chooses between; and,
+    for comparison, a forward pass alone over 16 rows of 512 tokens, as recipe 01 predicts on long tickets."""
+    shapes = Counter((b["rows"], b["width"]) for b in batches)
+    times = {implementation: sum(count * attention_seconds(model, rows, width, dtype, implementation)
+                                 for (rows, width), count in shapes.items()) / steps
+             for implementation in ("sdpa", "eager")}
+    times.update({f"{implementation}_forward_16x512": attention_seconds(model, 16, 512, dtype, implementation,
+                                                                        backward=False)
+                  for implementation in ("sdpa", "eager")})
+    return times
+
+
 def vocabulary_loss_seconds(tokens: int, vocab: int) -> float:
     """Cross-entropy over the whole vocabulary, forward and backward, for `tokens` positions."""
     logits = torch.randn(tokens, vocab, requires_grad=True)
@@ -250,7 +297,8 @@ def timed_steps(build, model_name: str, tokenizer, steps: int, dtype: torch.dtyp
         trainer, recorder, head, head_trained = build(model_name, tokenizer, WARMUP_STEPS + steps, folder, dtype)
         timer = StepTimer()
         trainer.add_callback(timer)
-        trainer.train()
+        with training_attention(trainer.model, dtype):  # as notebook 01 trains: "eager" on a CPU in bf16
+            trainer.train()
     micro = trainer.args.gradient_accumulation_steps
     batches = recorder.batches[WARMUP_STEPS * micro:(WARMUP_STEPS + steps) * micro]
     return trainer, batches, sum(timer.seconds[WARMUP_STEPS:]), head, head_trained
@@ -290,6 +338,7 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
         "lora_dropout_s_per_step": dropout_s, "lora_dropout_share": dropout_s / step_s,
         "torch_lora_dropout_s_per_step": torch_dropout_s,  # the same masks drawn by torch's nn.Dropout
         "vocabulary_loss_s_per_step": loss_s, "vocabulary_loss_share": loss_s / step_s,
+        "attention_s_per_step": attention_seconds_per_step(model, batches, steps, torch.float32),
         # what the share of the matmul limit would be with that cost gone (the same real FLOPs)
         "fraction_real_without_nf4_overhead": real / steps / (step_s - nf4_s) / matmul,
         "fraction_real_without_lora_dropout": real / steps / (step_s - dropout_s) / matmul,
@@ -318,7 +367,15 @@ def measure_bf16(build, model_name: str, tokenizer, steps: int, fp32: dict) -> d
             "achieved_gflops_real": real / seconds / 1e9, "matmul_bf16_gflops": matmul_bf16 / 1e9,
             "fraction_of_bf16_matmul": real / seconds / matmul_bf16,
             "fraction_of_fp32_matmul": real / seconds / (fp32["matmul_fp32_gflops"] * 1e9),
-            "speedup_over_fp32": fp32["seconds_per_step"] / (seconds / steps)}
+            "speedup_over_fp32": fp32["seconds_per_step"] / (seconds / steps),
+            "attention_s_per_step": attention_seconds_per_step(trainer.model, batches, steps, torch.bfloat16)}
+
+
+def attention_line(row: dict) -> str:
+    """The attention's time per step with either implementation, for the printed summary."""
+    times = row["attention_s_per_step"]
+    return (f"attention {times['sdpa']:.2f} s/step with sdpa, {times['eager']:.2f} with eager "
+            f"(forward over 16 x 512 tokens: {times['sdpa_forward_16x512']:.2f} s and {times['eager_forward_16x512']:.2f} s)")
 
 
 def cpu_model() -> str | None:
@@ -360,7 +417,7 @@ def main() -> None:
               f"fp32 matmul = {row['fraction_real']:.2f} ({row['fraction_executed']:.2f}); NF4 overhead "
               f"{row['nf4_overhead_share']:.0%} of a step, LoRA dropout {row['lora_dropout_share']:.0%} "
               f"({row['torch_lora_dropout_s_per_step']:.2f} s/step with torch's), "
-              f"vocabulary loss {row['vocabulary_loss_share']:.0%}")
+              f"vocabulary loss {row['vocabulary_loss_share']:.0%}; {attention_line(row)}")
         for speed_up in ["torch_dropout"] + (["trl_bf16_adapters"] if build is sft_trainer else []):
             row[speed_up] = slow = cost_of_undoing(build, speed_up, args.model, tokenizer, args.steps, row)
             print(f"{name}, {UNDONE[speed_up]}: {slow['seconds_per_step']:.2f} s/step "
@@ -370,7 +427,7 @@ def main() -> None:
             print(f"{name}, bf16: {half['seconds_per_step']:.2f} s/step ({half['speedup_over_fp32']:.2f}x fp32), "
                   f"{half['achieved_gflops_real']:.1f} GFLOP/s real = {half['fraction_of_fp32_matmul']:.2f} of the "
                   f"fp32 matmul limit, {half['fraction_of_bf16_matmul']:.2f} of the bf16 one "
-                  f"({half['matmul_bf16_gflops']:.1f} GFLOP/s)")
+                  f"({half['matmul_bf16_gflops']:.1f} GFLOP/s); {attention_line(half)}")
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("saved", args.out)
 

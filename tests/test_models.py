@@ -195,3 +195,27 @@ def test_saved_models_record_the_weights_they_were_trained_on(fresh_choice):
     fresh_choice.setenv("HF_HUB_OFFLINE", "1")
     record = saved.base_model_record("smollm2-135m-instruct", config=None)
     assert record["name"] == "smollm2-135m-instruct-gguf" and "de-quantised to fp32" in record["origin"]
+
+
+def test_training_attention_is_eager_only_for_bf16_on_cpu_and_restored_after(tiny_model_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_model(tiny_model_path, task="seq-cls", num_labels=3),
+                           LoraConfig(task_type="SEQ_CLS", r=4, target_modules="all-linear"))
+    inner = models.without_peft(model)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]])
+    batch = dict(input_ids=ids, attention_mask=(ids != 0).long())
+    model.eval()
+    with torch.no_grad():
+        own_logits = model(**batch).logits
+    assert inner.config._attn_implementation == "sdpa"
+    with models.training_attention(model, torch.float32) as used:
+        assert used == "sdpa" and inner.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="stopped"):
+        with models.training_attention(model, torch.bfloat16) as used:
+            assert used == "eager" and inner.config._attn_implementation == "eager"
+            with torch.no_grad():
+                eager_logits = model(**batch).logits
+            torch.testing.assert_close(eager_logits, own_logits, atol=1e-5, rtol=1e-4)  # the same attention
+            raise RuntimeError("training stopped")
+    assert inner.config._attn_implementation == "sdpa"  # given back, also when training raised
