@@ -17,33 +17,38 @@ FLOPs of one training step, per token unless said otherwise (frozen weights need
                                 (causal), backward twice that (dQ and dK, dP and dV)
   output head: 01's score (hidden x labels, trained: 3 x 2*in*out), 02's lm_head (hidden x vocab,
                tied to the frozen embedding: 2 x 2*in*out)
-"real" counts the tokens that carry text (attention causal within each example); "as executed"
-counts what the kernels were given (every padded position; attention over the whole padded row,
-causal). Norms, activations, softmax, the loss and the optimizer are not matmuls and are not
+"real" counts the tokens that carry text (attention causal within each example) and, for 02's head,
+the positions the loss reads (the answers' next tokens); "as executed" counts what the kernels were
+given (every padded position; attention over the whole padded row, causal; 02's head at every position). Norms, activations, softmax, the loss and the optimizer are not matmuls and are not
 counted: their time is part of what keeps the share below 1.
 
 Also measured at the same token count: the extra time of the NF4 layers over fp32 matmuls of
 the same shapes (bitsandbytes de-quantizes each weight in the forward pass and again for the
 input gradient), the adapters' dropout (`lora_dropout` 0.05: a fresh random mask over every adapted
 layer's input in every forward pass; the recipes draw it with `ftnb.dropout.FastDropout`, timed here
-beside torch's own), the cross-entropy over the whole vocabulary (02), and the attention, forward and
+beside torch's own), 02's loss (TRL's fused vocabulary head, forward and backward, over the answers'
+positions and over every position), and the attention, forward and
 backward, with transformers' "sdpa" (on a CPU PyTorch's flash kernel) and "eager" implementations
 (02's packed rows timed as one causal sequence each, an upper bound). Then the same steps again with
 one of the recipes' CPU speed-ups undone, to time what it saves: torch's dropout instead of FastDropout
 (both recipes), and for 02 the adapters in bf16, as TRL's SFTTrainer stores a quantized model's adapters
-(the recipe puts them back in fp32 with `sft.keep_fp32_adapters`): what that costs where bf16 is emulated.
+(the recipe puts them back in fp32 with `sft.keep_fp32_adapters`): what that costs where bf16 is emulated;
+and 02's vocabulary head over every position, TRL's choice on a CPU (the recipe trains inside
+`sft.loss_on_labelled_positions`, which projects the answers' positions alone).
 
 On a CPU with bf16 instructions (AVX512-BF16, AMX) the same steps run once more computing in bf16
 (notebook 01's `cpu_bf16`), against the bf16 matmul throughput of the same shapes and against the fp32 one.
 Training runs inside `ftnb.models.training_attention`, as in notebook 01: in bf16 on a CPU with "eager"
-attention, else with the model's own ("sdpa"); both are timed alone in either dtype.
+attention, else with the model's own ("sdpa"); both are timed alone in either dtype. 02 trains inside
+`ftnb.tasks.sft.loss_on_labelled_positions` too, as its notebook does.
 
-Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py   # ~5 min on 2 cores
+Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py   # ~6 min on 2 cores
        (prints the breakdown and writes benchmarks/cpu_efficiency.json; --steps N: timed steps per recipe)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -76,7 +81,8 @@ WARMUP_STEPS = 2  # the first steps pay for allocation and, grouped by length, h
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")  # 01's and 02's settings
 SEED = 0
 UNDONE = {"torch_dropout": "with torch's dropout",  # the speed-ups cost_of_undoing times
-          "trl_bf16_adapters": "with the adapters in bf16 as TRL stores them"}
+          "trl_bf16_adapters": "with the adapters in bf16 as TRL stores them",
+          "full_vocabulary_head": "with the vocabulary head over every position, the prompt's too"}
 
 
 class StepTimer(TrainerCallback):
@@ -106,7 +112,11 @@ class ShapeRecorder:
             lengths = [b - a for a, b in zip(starts, starts[1:])]
         else:
             lengths = batch["attention_mask"].sum(1).tolist()
-        self.batches.append({"rows": rows, "width": width, "lengths": lengths})
+        # the positions whose output the loss reads: a causal LM's labelled next tokens (02: the answers),
+        # else every token (01's classification head runs on every position, the pooling picks one)
+        labels = batch.get("labels")
+        scored = int((labels[:, 1:] != -100).sum()) if labels is not None and labels.dim() == 2 else sum(lengths)
+        self.batches.append({"rows": rows, "width": width, "lengths": lengths, "scored": scored})
         return batch
 
 
@@ -122,12 +132,13 @@ def training_flops(config, batches: list[dict], head: tuple[int, int], head_trai
     shapes = layer_shapes(config)
     per_token = config.num_hidden_layers * (4 * sum(i * o for i, o in shapes)  # frozen: forward + dX
                                             + 6 * LORA["r"] * sum(i + o for i, o in shapes))  # adapter: + dW
-    per_token += (6 if head_trained else 4) * head[0] * head[1]
+    per_position = (6 if head_trained else 4) * head[0] * head[1]  # the output head
     attention = 3 * 2 * 2 * config.num_attention_heads * config.head_dim * config.num_hidden_layers  # per (query, key)
     total = 0.0
     for b in batches:
         spans = b["lengths"] if real else [b["width"]] * b["rows"]
         total += per_token * sum(spans) + attention * sum(n * (n + 1) / 2 for n in spans)
+        total += per_position * (b["scored"] if real else b["rows"] * b["width"])
     return total
 
 
@@ -227,16 +238,34 @@ def attention_seconds_per_step(model, batches: list[dict], steps: int, dtype: to
     return times
 
 
-def vocabulary_loss_seconds(tokens: int, vocab: int) -> float:
-    """Cross-entropy over the whole vocabulary, forward and backward, for `tokens` positions."""
-    logits = torch.randn(tokens, vocab, requires_grad=True)
-    targets = torch.randint(0, vocab, (tokens,))
+def vocabulary_head_seconds(model, positions: int, dtype: torch.dtype) -> float:
+    """Per micro-batch: TRL's fused vocabulary head, forward and backward, over `positions` positions in
+    `dtype`, as SFTTrainer trains (the model's tied output weight, in tiles of the vocabulary; the log-
+    probabilities of the targets plus the entropy and top-1 it logs)."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    weight = model.get_output_embeddings().weight
+    hidden = torch.randn(positions, weight.shape[1], requires_grad=True)
+    targets = torch.randint(0, weight.shape[0], (positions,))
 
     def step():
-        F.cross_entropy(logits, targets).backward()
-        logits.grad = None
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            log_probs, *_ = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
+                                                         None, 1.0, ("log_probs", "entropy", "is_top1"))
+        log_probs.sum().backward()
+        hidden.grad = None
 
     return _median_seconds(step, repeats=3)
+
+
+def vocabulary_head_seconds_per_step(model, batches: list[dict], steps: int, dtype: torch.dtype) -> dict[str, float]:
+    """The fused vocabulary head of the timed micro-batches, per optimizer step (`vocabulary_head_seconds`),
+    over the labelled positions alone (`ftnb.tasks.sft.loss_on_labelled_positions`, as the recipe trains) and
+    over every position (TRL's own choice on a CPU)."""
+    every = [b["rows"] * (b["width"] - 1) for b in batches]  # the next-token positions of each micro-batch
+    return {"labelled_positions": sum(vocabulary_head_seconds(model, b["scored"], dtype) for b in batches) / steps,
+            "every_position": sum(vocabulary_head_seconds(model, n, dtype) for n in every) / steps}
 
 
 def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
@@ -260,14 +289,15 @@ def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, 
         save_strategy="no", report_to="none", disable_tqdm=True, seed=SEED)
     recorder = ShapeRecorder(DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16))
     trainer = classify.WeightedTrainer(model=model, args=args, train_dataset=train, data_collator=recorder)
-    return trainer, recorder, (model.config.hidden_size, len(labels)), True
+    return trainer, recorder, (model.config.hidden_size, len(labels)), True, contextlib.nullcontext
 
 
 def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
-                torch_dropout: bool = False, trl_bf16_adapters: bool = False):
+                torch_dropout: bool = False, trl_bf16_adapters: bool = False, full_vocabulary_head: bool = False):
     """Recipe 02 at its cpu preset (notebook 02's training cells), limited to `steps` optimizer steps,
     computing in `dtype`; `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout,
-    `trl_bf16_adapters` leaves the adapters in the bf16 TRL stores them in."""
+    `trl_bf16_adapters` leaves the adapters in the bf16 TRL stores them in, `full_vocabulary_head` trains
+    without `sft.loss_on_labelled_positions` (the vocabulary head over the prompt's positions too)."""
     from trl import SFTConfig, SFTTrainer
 
     rows = data.subset(data.load("domains", schema=sft.SCHEMA)["train"], 360, SEED, stratify="domain")
@@ -287,17 +317,20 @@ def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torc
         sft.keep_fp32_adapters(trainer)
     recorder = ShapeRecorder(trainer.data_collator)
     trainer.data_collator = recorder
-    return trainer, recorder, (model.config.hidden_size, model.config.vocab_size), False
+    loss_context = contextlib.nullcontext if full_vocabulary_head else sft.loss_on_labelled_positions
+    return trainer, recorder, (model.config.hidden_size, model.config.vocab_size), False, loss_context
 
 
 def timed_steps(build, model_name: str, tokenizer, steps: int, dtype: torch.dtype):
     """Train WARMUP_STEPS + steps optimizer steps computing in `dtype`: the trainer, the timed steps'
     micro-batches and seconds, the head's shape and whether it is trained."""
     with tempfile.TemporaryDirectory() as folder:
-        trainer, recorder, head, head_trained = build(model_name, tokenizer, WARMUP_STEPS + steps, folder, dtype)
+        trainer, recorder, head, head_trained, loss_context = build(model_name, tokenizer, WARMUP_STEPS + steps,
+                                                                     folder, dtype)
         timer = StepTimer()
         trainer.add_callback(timer)
-        with training_attention(trainer.model, dtype):  # as notebook 01 trains: "eager" on a CPU in bf16
+        # as the notebooks train: 01 with "eager" attention on a CPU in bf16, 02 scoring the answers alone
+        with training_attention(trainer.model, dtype), loss_context():
             trainer.train()
     micro = trainer.args.gradient_accumulation_steps
     batches = recorder.batches[WARMUP_STEPS * micro:(WARMUP_STEPS + steps) * micro]
@@ -323,7 +356,7 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
     nf4_s = nf4_overhead_seconds(model, tokens_per_micro) * len(batches) / steps
     dropout_s, torch_dropout_s = (lora_dropout_seconds(model, tokens_per_micro, layer) * len(batches) / steps
                                   for layer in (FastDropout(LORA["lora_dropout"]), torch.nn.Dropout(LORA["lora_dropout"])))
-    loss_s = vocabulary_loss_seconds(tokens_per_micro, head[1]) * len(batches) / steps if not head_trained else 0.0
+    vocabulary = vocabulary_head_seconds_per_step(model, batches, steps, torch.float32) if not head_trained else None
     step_s = seconds / steps
     out = {
         "timed_steps": steps, "micro_batches_per_step": micro, "seconds_per_step": step_s,
@@ -337,7 +370,7 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
         "nf4_overhead_s_per_step": nf4_s, "nf4_overhead_share": nf4_s / step_s,
         "lora_dropout_s_per_step": dropout_s, "lora_dropout_share": dropout_s / step_s,
         "torch_lora_dropout_s_per_step": torch_dropout_s,  # the same masks drawn by torch's nn.Dropout
-        "vocabulary_loss_s_per_step": loss_s, "vocabulary_loss_share": loss_s / step_s,
+        "vocabulary_head_s_per_step": vocabulary,  # 02: TRL's fused head, answers alone and every position
         "attention_s_per_step": attention_seconds_per_step(model, batches, steps, torch.float32),
         # what the share of the matmul limit would be with that cost gone (the same real FLOPs)
         "fraction_real_without_nf4_overhead": real / steps / (step_s - nf4_s) / matmul,
@@ -368,7 +401,16 @@ def measure_bf16(build, model_name: str, tokenizer, steps: int, fp32: dict) -> d
             "fraction_of_bf16_matmul": real / seconds / matmul_bf16,
             "fraction_of_fp32_matmul": real / seconds / (fp32["matmul_fp32_gflops"] * 1e9),
             "speedup_over_fp32": fp32["seconds_per_step"] / (seconds / steps),
-            "attention_s_per_step": attention_seconds_per_step(trainer.model, batches, steps, torch.bfloat16)}
+            "attention_s_per_step": attention_seconds_per_step(trainer.model, batches, steps, torch.bfloat16),
+            "vocabulary_head_s_per_step": None if head_trained else vocabulary_head_seconds_per_step(
+                trainer.model, batches, steps, torch.bfloat16)}
+
+
+def vocabulary_line(row: dict) -> str:
+    """02's fused vocabulary head per step over the answers and over every position (empty for 01)."""
+    times = row.get("vocabulary_head_s_per_step")
+    return "" if not times else (f"vocabulary head {times['labelled_positions']:.2f} s/step over the answers, "
+                                 f"{times['every_position']:.2f} over every position; ")
 
 
 def attention_line(row: dict) -> str:
@@ -417,8 +459,9 @@ def main() -> None:
               f"fp32 matmul = {row['fraction_real']:.2f} ({row['fraction_executed']:.2f}); NF4 overhead "
               f"{row['nf4_overhead_share']:.0%} of a step, LoRA dropout {row['lora_dropout_share']:.0%} "
               f"({row['torch_lora_dropout_s_per_step']:.2f} s/step with torch's), "
-              f"vocabulary loss {row['vocabulary_loss_share']:.0%}; {attention_line(row)}")
-        for speed_up in ["torch_dropout"] + (["trl_bf16_adapters"] if build is sft_trainer else []):
+              f"{vocabulary_line(row)}{attention_line(row)}")
+        sft_only = ["trl_bf16_adapters", "full_vocabulary_head"] if build is sft_trainer else []
+        for speed_up in ["torch_dropout"] + sft_only:
             row[speed_up] = slow = cost_of_undoing(build, speed_up, args.model, tokenizer, args.steps, row)
             print(f"{name}, {UNDONE[speed_up]}: {slow['seconds_per_step']:.2f} s/step "
                   f"({slow['times_the_recipe']:.2f}x the recipe's)")
@@ -427,7 +470,7 @@ def main() -> None:
             print(f"{name}, bf16: {half['seconds_per_step']:.2f} s/step ({half['speedup_over_fp32']:.2f}x fp32), "
                   f"{half['achieved_gflops_real']:.1f} GFLOP/s real = {half['fraction_of_fp32_matmul']:.2f} of the "
                   f"fp32 matmul limit, {half['fraction_of_bf16_matmul']:.2f} of the bf16 one "
-                  f"({half['matmul_bf16_gflops']:.1f} GFLOP/s); {attention_line(half)}")
+                  f"({half['matmul_bf16_gflops']:.1f} GFLOP/s); {vocabulary_line(half)}{attention_line(half)}")
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("saved", args.out)
 

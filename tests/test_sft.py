@@ -181,6 +181,45 @@ def test_qlora_adapters_train_in_fp32_unless_the_trainer_computes_in_bf16(tiny_m
     assert {p.dtype for n, p in in_bf16.model.named_parameters() if "lora_" in n} == {torch.bfloat16}
 
 
+def test_the_vocabulary_head_skips_unlabelled_positions_with_the_same_loss(tiny_model_path, tok, tmp_path, monkeypatch):
+    """On a CPU TRL's fused head scores every position, prompt included; inside loss_on_labelled_positions
+    it projects only the labelled ones (the answers) and the loss, its gradients and the logged token
+    metrics stay those of the full projection."""
+    import trl.trainer.utils as trl_utils
+
+    rows_projected = []
+    fused = trl_utils._ChunkedLogProbFunction
+
+    class Counting:
+        @staticmethod
+        def apply(hidden, *args):
+            rows_projected.append(hidden.shape[0])
+            return fused.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Counting)
+    trainer = _trainer(tiny_model_path, tok, packing=True, tmp_path=tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    labelled = int((batch["labels"][:, 1:] != sft.IGNORE).sum())
+
+    def loss_gradients_metrics():
+        trainer.model.zero_grad()
+        trainer._metrics["train"].clear()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        grads = [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
+        return loss.item(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items() if k != "num_tokens"}
+
+    full = loss_gradients_metrics()
+    with sft.loss_on_labelled_positions() as skipping:
+        compact = loss_gradients_metrics()
+    assert skipping and rows_projected == [batch["input_ids"].numel() - 1, labelled]
+    assert 0 < labelled < batch["input_ids"].numel() - 1
+    assert compact[0] == pytest.approx(full[0], rel=1e-5)
+    assert max((a - b).abs().max().item() for a, b in zip(full[1], compact[1])) < 1e-5
+    assert compact[2] == pytest.approx(full[2], rel=1e-5) and set(full[2]) >= {"entropy", "mean_token_accuracy"}
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # TRL's own choice again after the block
+
+
 def _tokenized(tok, row=ROWS[0]):
     ex = sft.to_prompt_completion(row)
     prompt = tok.apply_chat_template(ex["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]

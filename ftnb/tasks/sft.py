@@ -8,6 +8,7 @@ Usage:
     test = sft.evaluate_split(model, tok, test_rows, gen_rows, formats=formats.read_formats("domains"))
     test.table, test.adherence_intervals()                              # perplexity, adherence, ROUGE-L
     sft.keep_fp32_adapters(trainer)                                     # fp32 adapters unless training is bf16
+    with sft.loss_on_labelled_positions(): trainer.train()             # the vocabulary head skips the prompt
     sft.packing_summary(trainer.train_dataset, batch_size=2)            # examples per packed row, padding
     sft.perplexity(model, tok, rows)                                    # {'loss': ..., 'perplexity': ...}
     sft.perplexity_interval(sft.response_nll(model, tok, rows))         # with a bootstrap interval over rows
@@ -25,6 +26,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from contextlib import contextmanager
 from threading import Event, Thread
 from typing import Iterable, Iterator
 
@@ -638,6 +640,37 @@ def keep_fp32_adapters(trainer) -> int:
     for parameter in cast:
         parameter.data = parameter.data.float()
     return len(cast)
+
+
+@contextmanager
+def loss_on_labelled_positions() -> Iterator[bool]:
+    """Inside the block, TRL's SFTTrainer projects only the positions whose label counts (the answers,
+    with `completion_only_loss`) through the vocabulary head on a CPU too; yields whether it could.
+
+    TRL computes the training loss with a fused head: the hidden states times the whole vocabulary
+    (49,152 wide for SmolLM2), a tile at a time. On a GPU with Triton it keeps only the labelled
+    positions; elsewhere it scores every one, prompt included, so that a compiler (Neuron's) sees the
+    same shapes on every batch. A CPU runs eagerly and compiles nothing, so the prompt's positions
+    there are work whose result is then zeroed: 42% of recipe 02's training tokens, and on a CPU each
+    tile also pays a dozen element-wise passes in fp32. Loss, gradients and logged metrics are those of
+    the same positions (tests/test_sft.py); only the matmul's row count changes, so sums can round
+    differently in the last bit.
+
+    Usage: with sft.loss_on_labelled_positions(): trainer.train()
+    """
+    import trl.trainer.utils as trl_utils
+
+    picks_compact = getattr(trl_utils, "_use_triton", None)  # TRL 1.x's choice of the compact path
+    if picks_compact is None:
+        warnings.warn("this TRL version decides differently which positions its fused head scores: "
+                      "training goes on with TRL's own choice", stacklevel=3)
+        yield False
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or picks_compact(device)
+    try:
+        yield True
+    finally:
+        trl_utils._use_triton = picks_compact
 
 
 def packing_summary(packed_rows: Dataset | list[dict], batch_size: int, seed: int = 0) -> dict:
