@@ -19,7 +19,8 @@ FLOPs of one training step, per token unless said otherwise (frozen weights need
                tied to the frozen embedding: 2 x 2*in*out)
 "real" counts the tokens that carry text (attention causal within each example) and, for 02's head,
 the positions the loss reads (the answers' next tokens); "as executed" counts what the kernels were
-given (every padded position; attention over the whole padded row, causal; 02's head at every position). Norms, activations, softmax, the loss and the optimizer are not matmuls and are not
+given (every padded position; attention over the whole padded row, causal; 02's head at every
+position). Norms, activations, softmax, the loss and the optimizer are not matmuls and are not
 counted: their time is part of what keeps the share below 1.
 
 Also measured at the same token count: the extra time of the NF4 layers over fp32 matmuls of

@@ -8,7 +8,7 @@ Usage:
     test = sft.evaluate_split(model, tok, test_rows, gen_rows, formats=formats.read_formats("domains"))
     test.table, test.adherence_intervals()                              # perplexity, adherence, ROUGE-L
     sft.keep_fp32_adapters(trainer)                                     # fp32 adapters unless training is bf16
-    with sft.loss_on_labelled_positions(): trainer.train()             # the vocabulary head skips the prompt
+    with sft.loss_on_labelled_positions(): trainer.train()              # the vocabulary head skips the prompt
     sft.packing_summary(trainer.train_dataset, batch_size=2)            # examples per packed row, padding
     sft.perplexity(model, tok, rows)                                    # {'loss': ..., 'perplexity': ...}
     sft.perplexity_interval(sft.response_nll(model, tok, rows))         # with a bootstrap interval over rows
@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import contextmanager
 from threading import Event, Thread
 from typing import Iterable, Iterator
 
