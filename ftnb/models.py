@@ -418,7 +418,7 @@ def training_attention(model: torch.nn.Module, compute_dtype: torch.dtype) -> It
     On a CPU computing in bf16, the kernel transformers' "sdpa" gets from PyTorch there (flash attention)
     is slow in training: recipe 01's attention, forward and backward, took 1.03 s per optimizer step with
     it against 0.34 s as plain attention, two matmuls around a softmax ("eager"), on a 2-core Xeon with
-    AMX; in fp32 the two are level, 0.39 and 0.45 s (`benchmarks/cpu_efficiency_xeon.json`). So inside the
+    AMX; in fp32 the two are level, 0.39 and 0.45 s (`git show da553c5:benchmarks/cpu_efficiency_xeon.json`, the run of 2026-12-06 03:38). So inside the
     block such a model attends with "eager"; elsewhere nothing changes. Afterwards the model has its own
     implementation again: a forward pass over long inputs is where the fused kernel wins (16 x 512 tokens:
     1.1 against 5.2 s in bf16), and the model then predicts as its saved copy, loaded with it, will.
