@@ -39,6 +39,8 @@ and 02's vocabulary head over every position, TRL's choice on a CPU (the recipe 
 
 On a CPU with bf16 instructions (AVX512-BF16, AMX) the same steps run once more computing in bf16
 (notebook 01's `cpu_bf16`), against the bf16 matmul throughput of the same shapes and against the fp32 one.
+01 computes there with its embedding and its layers' norms back in bf16 (`ftnb.models.layers_in_compute_dtype`,
+as notebook 01 does; 02's head is its embedding, which the helper leaves alone), timed once more without.
 Training runs inside `ftnb.models.training_attention`, as in notebook 01: in bf16 on a CPU with "eager"
 attention, else with the model's own ("sdpa"); both are timed alone in either dtype. 02 trains inside
 `ftnb.tasks.sft.loss_on_labelled_positions` too, as its notebook does.
@@ -74,7 +76,7 @@ sys.path.insert(0, str(ROOT))
 
 from ftnb import data, env  # noqa: E402
 from ftnb.dropout import FastDropout, use_fast_dropout  # noqa: E402
-from ftnb.models import load_model, load_tokenizer, training_attention  # noqa: E402
+from ftnb.models import layers_in_compute_dtype, load_model, load_tokenizer, training_attention  # noqa: E402
 from ftnb.tasks import classify, sft  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -83,7 +85,8 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 SEED = 0
 UNDONE = {"torch_dropout": "with torch's dropout",  # the speed-ups cost_of_undoing times
           "trl_bf16_adapters": "with the adapters in bf16 as TRL stores them",
-          "full_vocabulary_head": "with the vocabulary head over every position, the prompt's too"}
+          "full_vocabulary_head": "with the vocabulary head over every position, the prompt's too",
+          "fp32_layers": "with the embedding and the layers' norms in fp32, as prepare_model_for_kbit_training leaves them"}
 
 
 class StepTimer(TrainerCallback):
@@ -116,7 +119,7 @@ class ShapeRecorder:
         # the positions whose output the loss reads: a causal LM's labelled next tokens (02: the answers),
         # else every token (01's classification head runs on every position, the pooling picks one)
         labels = batch.get("labels")
-        scored = int((labels[:, 1:] != -100).sum()) if labels is not None and labels.dim() == 2 else sum(lengths)
+        scored = int((labels[:, 1:] != sft.IGNORE).sum()) if labels is not None and labels.dim() == 2 else sum(lengths)
         self.batches.append({"rows": rows, "width": width, "lengths": lengths, "scored": scored})
         return batch
 
@@ -270,15 +273,18 @@ def vocabulary_head_seconds_per_step(model, batches: list[dict], steps: int, dty
 
 
 def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
-                           torch_dropout: bool = False):
+                           torch_dropout: bool = False, fp32_layers: bool = False):
     """Recipe 01 at its cpu preset (notebook 01's training cells), limited to `steps` optimizer steps,
-    computing in `dtype`; `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout."""
+    computing in `dtype`; `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout,
+    `fp32_layers` leaves the embedding and the norms in the fp32 of prepare_model_for_kbit_training (in bf16)."""
     ds = data.load("tickets", schema=data.Schema.of("subject", "body", "category"))
     labels = classify.labels_for("category", ds["train"], "tickets")
     id2label, label2id = classify.label_maps(labels)
     model = load_model(model_name, task="seq-cls", quantization="nf4", double_quant=True, num_labels=len(labels),
                        id2label=id2label, label2id=label2id, tokenizer=tokenizer, dtype=dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if not fp32_layers:
+        layers_in_compute_dtype(model, dtype)  # bf16 only
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **LORA))
     if not torch_dropout:
         use_fast_dropout(model)
@@ -381,12 +387,12 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
     return out
 
 
-def cost_of_undoing(build, undo: str, model_name: str, tokenizer, steps: int, fp32: dict) -> dict:
-    """A recipe's fp32 steps once more with one CPU speed-up undone (`undo`, a keyword of `build` set to
-    True: torch_dropout, trl_bf16_adapters), and how many times as long they take."""
-    _, _, seconds, _, _ = timed_steps(functools.partial(build, **{undo: True}), model_name, tokenizer, steps,
-                                      torch.float32)
-    return {"seconds_per_step": seconds / steps, "times_the_recipe": seconds / steps / fp32["seconds_per_step"]}
+def cost_of_undoing(build, undo: str, model_name: str, tokenizer, steps: int, recipe: dict,
+                    dtype: torch.dtype = torch.float32) -> dict:
+    """A recipe's steps in `dtype` once more with one CPU speed-up undone (`undo`, a keyword of `build` set to
+    True: a key of UNDONE), and how many times as long they take as the `recipe` row measured in that dtype."""
+    _, _, seconds, _, _ = timed_steps(functools.partial(build, **{undo: True}), model_name, tokenizer, steps, dtype)
+    return {"seconds_per_step": seconds / steps, "times_the_recipe": seconds / steps / recipe["seconds_per_step"]}
 
 
 def measure_bf16(build, model_name: str, tokenizer, steps: int, fp32: dict) -> dict:
@@ -472,6 +478,11 @@ def main() -> None:
                   f"{half['achieved_gflops_real']:.1f} GFLOP/s real = {half['fraction_of_fp32_matmul']:.2f} of the "
                   f"fp32 matmul limit, {half['fraction_of_bf16_matmul']:.2f} of the bf16 one "
                   f"({half['matmul_bf16_gflops']:.1f} GFLOP/s); {vocabulary_line(half)}{attention_line(half)}")
+            if build is classification_trainer:
+                half["fp32_layers"] = slow = cost_of_undoing(build, "fp32_layers", args.model, tokenizer, args.steps,
+                                                             half, torch.bfloat16)
+                print(f"{name}, bf16 {UNDONE['fp32_layers']}: {slow['seconds_per_step']:.2f} s/step "
+                      f"({slow['times_the_recipe']:.2f}x the recipe's)")
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("saved", args.out)
 

@@ -389,6 +389,37 @@ def keep_training_kernel(model: PreTrainedModel) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def layers_in_compute_dtype(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """Give the frozen float weights of the input embedding and of every decoder layer (their norms) back
+    the compute dtype when it is bf16; returns how many tensors were cast. Call it after
+    `prepare_model_for_kbit_training`, before training.
+
+    `prepare_model_for_kbit_training` casts every float parameter of a quantized model to fp32, a guard for
+    fp16, whose range is narrow. Computing in bf16 that leaves the residual stream between the layers in fp32:
+    every 4-bit layer casts its input to bf16 and its output back to fp32, and the norms, activations and
+    dropout masks move twice the bytes. On a 2-core Xeon with AMX those conversions were the second largest
+    cost of a recipe-01 training step after the matmuls (`benchmarks/cpu_efficiency.py`). bf16 has fp32's
+    range, and a model loaded in bf16 runs its residual stream in bf16 anyway. The final norm and the head stay
+    as they are (fp32), so the head reads fp32 as it did; trainable tensors (adapters, a trained head) too.
+    With fp16 or fp32 nothing changes, nor in a model whose output head is its input embedding (SmolLM2's
+    causal LM): that head must stay in the final norm's fp32. `ftnb.saved` records the dtypes, so a reload
+    computes the same way.
+
+    Usage: model = prepare_model_for_kbit_training(model); layers_in_compute_dtype(model, torch.bfloat16)
+    """
+    base = without_peft(model)
+    embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if compute_dtype != torch.bfloat16 or (head is not None and head.weight is embedding.weight):
+        return 0
+    layer_classes = set(getattr(base, "_no_split_modules", None) or ())  # transformers' name for a decoder layer
+    modules = [embedding, *(module for module in base.modules() if type(module).__name__ in layer_classes)]
+    frozen = {id(p): p for module in modules for p in module.parameters()
+              if p.is_floating_point() and not p.requires_grad and p.dtype != compute_dtype}
+    for parameter in frozen.values():
+        parameter.data = parameter.data.to(compute_dtype)
+    return len(frozen)
+
+
 def without_peft(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under a peft wrapper (its LoRA layers still in it), or `model` itself.
 

@@ -219,3 +219,55 @@ def test_training_attention_is_eager_only_for_bf16_on_cpu_and_restored_after(tin
             torch.testing.assert_close(eager_logits, own_logits, atol=1e-5, rtol=1e-4)  # the same attention
             raise RuntimeError("training stopped")
     assert inner.config._attn_implementation == "sdpa"  # given back, also when training raised
+
+
+def _prepared_bf16_classifier(path: str, tokenizer, seed: int = 0):
+    """A 4-bit classifier computing in bf16, prepared and adapted as recipe 01 trains it."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    torch.manual_seed(seed)
+    model = load_model(path, task="seq-cls", quantization="nf4", num_labels=3, tokenizer=tokenizer,
+                       dtype=torch.bfloat16)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules="all-linear",
+                                            modules_to_save=["score"]))
+
+
+def test_layers_in_compute_dtype_keeps_the_residual_stream_in_bf16_and_the_head_in_fp32(tiny_model_path):
+    tok = load_tokenizer(tiny_model_path)
+    reference, model = (_prepared_bf16_classifier(tiny_model_path, tok) for _ in range(2))
+    inner = models.without_peft(model)
+    assert models.layers_in_compute_dtype(model, torch.float32) == 0
+    assert models.layers_in_compute_dtype(model, torch.float16) == 0  # fp16 keeps peft's fp32 guard
+    assert models.layers_in_compute_dtype(model, torch.bfloat16) == 1 + 2 * inner.config.num_hidden_layers
+    assert inner.model.embed_tokens.weight.dtype == inner.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
+    assert inner.model.norm.weight.dtype == torch.float32  # the head reads fp32, as before
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # adapters, head
+
+    streams = []
+    inner.model.layers[0].register_forward_hook(lambda module, args, out: streams.append(
+        (out[0] if isinstance(out, tuple) else out).dtype))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]])
+    batch = dict(input_ids=ids, attention_mask=(ids != 0).long(), labels=torch.tensor([0, 2]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the Trainer computes with bf16
+        loss, reference_loss = model(**batch).loss, reference(**batch).loss
+    loss.backward()
+    assert streams == [torch.bfloat16]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    torch.testing.assert_close(loss.float(), reference_loss.float(), atol=2e-2, rtol=0)  # bf16 rounding only
+
+    model.eval()  # without autocast, as a Classifier and its reloaded copy predict
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_layers_in_compute_dtype_leaves_a_tied_head_alone(tiny_model_path):
+    from peft import prepare_model_for_kbit_training
+
+    model = load_model(tiny_model_path, quantization="nf4", dtype=torch.bfloat16)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # every float tensor fp32
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    before = {name: p.dtype for name, p in model.named_parameters()}
+    assert models.layers_in_compute_dtype(model, torch.bfloat16) == 0
+    assert {name: p.dtype for name, p in model.named_parameters()} == before

@@ -17,7 +17,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer, TrainingArguments
 
-from ftnb import saved
+from ftnb import models, saved
 from ftnb.inference import chat_inputs
 from ftnb.models import load_model, load_tokenizer
 from ftnb.tasks import classify, sft
@@ -46,12 +46,15 @@ def _args(folder: Path, **overrides) -> TrainingArguments:
     return TrainingArguments(**{**settings, **overrides})
 
 
-def train_classifier(folder: Path, quantization: str, dtype: torch.dtype | None = None) -> classify.Classifier:
+def train_classifier(folder: Path, quantization: str, dtype: torch.dtype | None = None,
+                     layers_in_compute_dtype: bool = False) -> classify.Classifier:
     tok = load_tokenizer("tiny-llama-test")
     id2label, label2id = classify.label_maps(LABELS)
     model = load_model("tiny-llama-test", task="seq-cls", quantization=quantization, dtype=dtype,
                        num_labels=len(LABELS), id2label=id2label, label2id=label2id, tokenizer=tok)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    if layers_in_compute_dtype:  # as recipe 01 does in bf16
+        assert models.layers_in_compute_dtype(model, dtype) > 0
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear",
                                              modules_to_save=["score"]))
     data = classify.tokenize_split(Dataset.from_list(RECORDS), tok, "intent", LABELS, max_length=32,
@@ -233,13 +236,18 @@ def test_fp16_gpu_classifier_reloads_in_a_fresh_process(tmp_path):
     assert np.abs(before - after).max() <= TOLERANCE
 
 
-def test_a_bf16_base_reloads_with_its_fp32_head_and_adapter_exact(tmp_path):
+@pytest.mark.parametrize("layers_in_compute_dtype", [False, True], ids=["fp32 layers", "bf16 layers"])
+def test_a_bf16_base_reloads_with_its_fp32_head_and_adapter_exact(tmp_path, layers_in_compute_dtype):
     """A 4-bit base computing in bf16 (a GPU, or recipe 01's cpu_bf16) keeps the head and the LoRA
-    weights in fp32: the reload must not round them through the base's bf16 on the way in."""
-    clf = train_classifier(tmp_path, "nf4", dtype=torch.bfloat16)
+    weights in fp32: the reload must not round them through the base's bf16 on the way in. With its
+    layers' norms in bf16 (ftnb.models.layers_in_compute_dtype) the reload keeps them so, and the final norm in fp32."""
+    clf = train_classifier(tmp_path, "nf4", dtype=torch.bfloat16, layers_in_compute_dtype=layers_in_compute_dtype)
     manifest = saved.read_manifest(clf.save(tmp_path / "saved"))
     assert manifest["dtype"] == "bfloat16" and manifest["quantization"]["compute_dtype"] == "bfloat16"
-    assert any("score" in name and dtype == "float32" for name, dtype in manifest["parameter_dtypes"].items())
+    recorded = manifest["parameter_dtypes"]
+    assert any("score" in name and dtype == "float32" for name, dtype in recorded.items())
+    assert any(name.endswith("model.norm.weight") for name in recorded)
+    assert any("layernorm" in name for name in recorded) != layers_in_compute_dtype
     before, after = clf.probabilities(RECORDS), saved.load(tmp_path / "saved").probabilities(RECORDS)
     assert np.abs(before - after).max() <= TOLERANCE
 
