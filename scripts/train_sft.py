@@ -37,7 +37,8 @@ def main() -> None:
     trainer = SFTTrainer(model=get_peft_model(model, lora), args=training_args, train_dataset=train,
                          processing_class=tokenizer)
     distributed.save_setup(trainer, args, "generator", {"system": sft.SYSTEM_PROMPT, "decoding": {}})
-    distributed.run_training(trainer, args)
+    with sft.loss_on_labelled_positions():  # the vocabulary head over the answers alone, on a CPU too
+        distributed.run_training(trainer, args)
 
 
 if __name__ == "__main__":
