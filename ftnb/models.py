@@ -397,13 +397,14 @@ def layers_in_compute_dtype(model: torch.nn.Module, compute_dtype: torch.dtype) 
     `prepare_model_for_kbit_training` casts every float parameter of a quantized model to fp32, a guard for
     fp16, whose range is narrow. Computing in bf16 that leaves the residual stream between the layers in fp32:
     every 4-bit layer casts its input to bf16 and its output back to fp32, and the norms, activations and
-    dropout masks move twice the bytes. On a 2-core Xeon with AMX those conversions were the second largest
-    cost of a recipe-01 training step after the matmuls (`benchmarks/cpu_efficiency.py`). bf16 has fp32's
-    range, and a model loaded in bf16 runs its residual stream in bf16 anyway. The final norm and the head stay
-    as they are (fp32), so the head reads fp32 as it did; trainable tensors (adapters, a trained head) too.
-    With fp16 or fp32 nothing changes, nor in a model whose output head is its input embedding (SmolLM2's
-    causal LM): that head must stay in the final norm's fp32. `ftnb.saved` records the dtypes, so a reload
-    computes the same way.
+    dropout masks move twice the bytes. On a 2-core Xeon with AMX those conversions took 16% of the CPU time
+    of recipe 01's training steps in a profile, and a step 1.13-1.17x as long (`benchmarks/cpu_efficiency.py`).
+    bf16 has fp32's range, and a model loaded in bf16 runs its residual stream in bf16 anyway. The final norm
+    and the head stay as they are (fp32), so the head reads fp32 as it did; trainable tensors (adapters, a
+    trained head) too. With fp16 or fp32 nothing changes, nor in a model whose output head is its input
+    embedding (SmolLM2's causal LM): that embedding is the head, which must stay fp32 to read the final norm,
+    and an fp32 embedding keeps the residual stream in fp32 whatever the norms. `ftnb.saved` records the
+    dtypes, so a reload computes the same way.
 
     Usage: model = prepare_model_for_kbit_training(model); layers_in_compute_dtype(model, torch.bfloat16)
     """
