@@ -40,9 +40,11 @@ and 02's vocabulary head over every position, TRL's choice on a CPU (the recipe 
 On a CPU with bf16 instructions (AVX512-BF16, AMX) the same steps run once more computing in bf16
 (notebook 01's `cpu_bf16`), against the bf16 matmul throughput of the same shapes and against the fp32 one.
 01 computes there with its embedding and its layers' norms back in bf16 (`ftnb.models.layers_in_compute_dtype`,
-as notebook 01 does; 02's head is its embedding, which the helper leaves alone), timed once more without.
-Training runs inside `ftnb.models.training_attention`, as in notebook 01: in bf16 on a CPU with "eager"
-attention, else with the model's own ("sdpa"); both are timed alone in either dtype. 02 trains inside
+as notebook 01 does; 02's head is its embedding, which the helper leaves alone), timed once more without;
+and 01 trains inside `ftnb.models.adapter_inputs_uncast`, as notebook 01 does (peft copies every adapter's
+input to fp32 under a CPU's autocast), timed once more without. Training runs inside
+`ftnb.models.training_attention`, as in notebook 01: in bf16 on a CPU with "eager" attention, else with the
+model's own ("sdpa"); both are timed alone in either dtype. 02 trains inside
 `ftnb.tasks.sft.loss_on_labelled_positions` too, as its notebook does.
 
 Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py   # ~6 min on 2 cores
@@ -76,7 +78,8 @@ sys.path.insert(0, str(ROOT))
 
 from ftnb import data, env  # noqa: E402
 from ftnb.dropout import FastDropout, use_fast_dropout  # noqa: E402
-from ftnb.models import layers_in_compute_dtype, load_model, load_tokenizer, training_attention  # noqa: E402
+from ftnb.models import (adapter_inputs_uncast, layers_in_compute_dtype, load_model, load_tokenizer,  # noqa: E402
+                         training_attention)
 from ftnb.tasks import classify, sft  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -86,7 +89,8 @@ SEED = 0
 UNDONE = {"torch_dropout": "with torch's dropout",  # the speed-ups cost_of_undoing times
           "trl_bf16_adapters": "with the adapters in bf16 as TRL stores them",
           "full_vocabulary_head": "with the vocabulary head over every position, the prompt's too",
-          "fp32_layers": "with the embedding and the layers' norms in fp32, as prepare_model_for_kbit_training leaves them"}
+          "fp32_layers": "with the embedding and the layers' norms in fp32, as prepare_model_for_kbit_training leaves them",
+          "cast_adapter_inputs": "with peft casting every adapter's input to fp32 (it checks CUDA's autocast alone)"}
 
 
 class StepTimer(TrainerCallback):
@@ -273,10 +277,11 @@ def vocabulary_head_seconds_per_step(model, batches: list[dict], steps: int, dty
 
 
 def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
-                           torch_dropout: bool = False, fp32_layers: bool = False):
+                           torch_dropout: bool = False, fp32_layers: bool = False, cast_adapter_inputs: bool = False):
     """Recipe 01 at its cpu preset (notebook 01's training cells), limited to `steps` optimizer steps,
     computing in `dtype`; `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout,
-    `fp32_layers` leaves the embedding and the norms in the fp32 of prepare_model_for_kbit_training (in bf16)."""
+    `fp32_layers` leaves the embedding and the norms in the fp32 of prepare_model_for_kbit_training (in bf16),
+    `cast_adapter_inputs` trains without `adapter_inputs_uncast` (in bf16: peft's fp32 copies of the inputs)."""
     ds = data.load("tickets", schema=data.Schema.of("subject", "body", "category"))
     labels = classify.labels_for("category", ds["train"], "tickets")
     id2label, label2id = classify.label_maps(labels)
@@ -296,7 +301,8 @@ def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, 
         save_strategy="no", report_to="none", disable_tqdm=True, seed=SEED)
     recorder = ShapeRecorder(DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16))
     trainer = classify.WeightedTrainer(model=model, args=args, train_dataset=train, data_collator=recorder)
-    return trainer, recorder, (model.config.hidden_size, len(labels)), True, contextlib.nullcontext
+    uncast = contextlib.nullcontext if cast_adapter_inputs else functools.partial(adapter_inputs_uncast, model, dtype)
+    return trainer, recorder, (model.config.hidden_size, len(labels)), True, uncast
 
 
 def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
@@ -324,20 +330,21 @@ def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torc
         sft.keep_fp32_adapters(trainer)
     recorder = ShapeRecorder(trainer.data_collator)
     trainer.data_collator = recorder
-    loss_context = contextlib.nullcontext if full_vocabulary_head else sft.loss_on_labelled_positions
-    return trainer, recorder, (model.config.hidden_size, model.config.vocab_size), False, loss_context
+    training_context = contextlib.nullcontext if full_vocabulary_head else sft.loss_on_labelled_positions
+    return trainer, recorder, (model.config.hidden_size, model.config.vocab_size), False, training_context
 
 
 def timed_steps(build, model_name: str, tokenizer, steps: int, dtype: torch.dtype):
     """Train WARMUP_STEPS + steps optimizer steps computing in `dtype`: the trainer, the timed steps'
     micro-batches and seconds, the head's shape and whether it is trained."""
     with tempfile.TemporaryDirectory() as folder:
-        trainer, recorder, head, head_trained, loss_context = build(model_name, tokenizer, WARMUP_STEPS + steps,
-                                                                     folder, dtype)
+        trainer, recorder, head, head_trained, training_context = build(model_name, tokenizer, WARMUP_STEPS + steps,
+                                                                         folder, dtype)
         timer = StepTimer()
         trainer.add_callback(timer)
-        # as the notebooks train: 01 with "eager" attention on a CPU in bf16, 02 scoring the answers alone
-        with training_attention(trainer.model, dtype), loss_context():
+        # as the notebooks train: 01 with "eager" attention and its adapters' inputs uncast on a CPU in bf16,
+        # 02 scoring the answers alone
+        with training_attention(trainer.model, dtype), training_context():
             trainer.train()
     micro = trainer.args.gradient_accumulation_steps
     batches = recorder.batches[WARMUP_STEPS * micro:(WARMUP_STEPS + steps) * micro]
@@ -478,10 +485,10 @@ def main() -> None:
                   f"{half['achieved_gflops_real']:.1f} GFLOP/s real = {half['fraction_of_fp32_matmul']:.2f} of the "
                   f"fp32 matmul limit, {half['fraction_of_bf16_matmul']:.2f} of the bf16 one "
                   f"({half['matmul_bf16_gflops']:.1f} GFLOP/s); {vocabulary_line(half)}{attention_line(half)}")
-            if build is classification_trainer:
-                half["fp32_layers"] = slow = cost_of_undoing(build, "fp32_layers", args.model, tokenizer, args.steps,
-                                                             half, torch.bfloat16)
-                print(f"{name}, bf16 {UNDONE['fp32_layers']}: {slow['seconds_per_step']:.2f} s/step "
+            for speed_up in ["fp32_layers", "cast_adapter_inputs"] if build is classification_trainer else []:
+                half[speed_up] = slow = cost_of_undoing(build, speed_up, args.model, tokenizer, args.steps,
+                                                        half, torch.bfloat16)
+                print(f"{name}, bf16 {UNDONE[speed_up]}: {slow['seconds_per_step']:.2f} s/step "
                       f"({slow['times_the_recipe']:.2f}x the recipe's)")
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("saved", args.out)

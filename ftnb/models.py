@@ -469,6 +469,30 @@ def training_attention(model: torch.nn.Module, compute_dtype: torch.dtype) -> It
         inner.set_attn_implementation(own)
 
 
+@contextlib.contextmanager
+def adapter_inputs_uncast(model: torch.nn.Module, compute_dtype: torch.dtype) -> Iterator[bool]:
+    """Train a peft `model` on a CPU under bf16 autocast without peft casting every adapter's input to fp32.
+
+    peft casts the input of each LoRA adapter to the adapter's dtype (fp32) unless autocast is on, and asks
+    `torch.is_autocast_enabled()`, which answers for CUDA alone. Under a CPU's autocast (a Trainer with
+    `bf16=True` on a CPU) every adapted layer's bf16 input was therefore copied to fp32, its dropout mask
+    applied in fp32, and autocast copied it back to bf16 for the adapter's matmul; the backward pass did the
+    same the other way: in recipe 01 four conversions of each of the 210 adapted layers' inputs per
+    micro-batch. Inside the block, on a CPU computing in bf16, peft leaves the input in the dtype it arrives
+    in, and autocast computes the adapter in bf16 from its fp32 weights as before. The block gives the casting
+    back at its end: outside autocast, a bf16 input meeting an adapter's fp32 weights needs it. Elsewhere (a
+    GPU, fp32) nothing changes. Yields whether it changed anything.
+
+    Usage: with adapter_inputs_uncast(model, compute_dtype): trainer.train()
+    """
+    from peft.helpers import disable_input_dtype_casting
+
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    active = on_cpu and compute_dtype == torch.bfloat16
+    with disable_input_dtype_casting(model, active=active):
+        yield active
+
+
 def describe_registry() -> str:
     """One line per registry model, for notebooks and error messages."""
     return "\n".join(f"{name:<24} {entry.description}" for name, entry in REGISTRY.items())

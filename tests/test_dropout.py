@@ -1,12 +1,13 @@
 """ftnb.dropout: FastDropout drops with torch's distribution, reproduces under a seed, back-propagates
-through the same mask, and use_fast_dropout swaps it into a peft model without changing what is saved."""
+through the same mask kept as booleans, computes what a mask in the input's dtype computes, and
+use_fast_dropout swaps it into a peft model without changing what is saved."""
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
-from ftnb.dropout import FastDropout, dropout_mask, use_fast_dropout
+from ftnb.dropout import FastDropout, dropout_keep, use_fast_dropout
 from ftnb.models import load_model
 
 ELEMENTS = 2_000_000
@@ -26,7 +27,7 @@ def test_the_drop_rate_is_p_and_kept_elements_are_scaled(p):
 
 def test_masks_are_independent_across_elements_and_calls():
     torch.manual_seed(0)
-    a, b = (dropout_mask((1000, 1000), 0.5) > 0 for _ in range(2))
+    a, b = (dropout_keep((1000, 1000), 0.5) for _ in range(2))
     assert not torch.equal(a, b)
     both = (a & b).double().mean().item()
     assert abs(both - 0.25) < 0.005  # independent calls: P(kept twice) = 0.5 * 0.5
@@ -61,6 +62,29 @@ def test_evaluation_and_p_zero_leave_the_input_alone(p):
     assert torch.equal(FastDropout(p).eval()(x), x)
     assert torch.equal(FastDropout(0.0).train()(x), x)
     assert torch.equal(FastDropout(1.0).train()(x), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3])
+def test_output_and_gradient_are_those_of_a_mask_in_the_inputs_dtype(dtype, p):
+    x = torch.randn(64, 576, dtype=dtype, requires_grad=True)
+    torch.manual_seed(3)
+    y = FastDropout(p).train()(x)
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    torch.manual_seed(3)  # the same draw
+    mask = (dropout_keep(x.shape, p).float() / (1 - p)).to(dtype)
+    assert torch.equal(y, x.detach() * mask)  # bit for bit
+    assert torch.equal(x.grad, upstream * mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_backward_pass_keeps_one_byte_per_element(dtype):
+    x = torch.randn(32, 1536, dtype=dtype, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        FastDropout(0.05).train()(x)
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.bool, x.numel())]
 
 
 def test_bf16_inputs_stay_bf16():

@@ -263,6 +263,51 @@ def test_layers_in_compute_dtype_keeps_the_residual_stream_in_bf16_and_the_head_
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 
+def test_adapter_inputs_uncast_keeps_bf16_adapter_inputs_under_cpu_autocast_and_restores_casting(tiny_model_path):
+    tok = load_tokenizer(tiny_model_path)
+    model = _prepared_bf16_classifier(tiny_model_path, tok)
+    models.layers_in_compute_dtype(model, torch.bfloat16)
+    seen = []
+    for layer in model.modules():
+        if hasattr(layer, "lora_dropout"):
+            layer.lora_dropout["default"].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]])
+    batch = dict(input_ids=ids, attention_mask=(ids != 0).long(), labels=torch.tensor([0, 2]))
+
+    def train_step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as the Trainer computes with bf16 on a CPU
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.detach().float(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    model.train()
+    torch.manual_seed(0)
+    cast_loss, cast_grads = train_step()
+    assert set(seen) == {torch.float32}  # peft's cast: it asks torch.is_autocast_enabled(), CUDA's state
+    with models.adapter_inputs_uncast(model, torch.float32) as active:
+        assert not active
+        train_step()
+        assert set(seen) == {torch.float32}  # not a bf16 run: nothing changed
+    with pytest.raises(RuntimeError, match="stopped"):
+        with models.adapter_inputs_uncast(model, torch.bfloat16) as active:
+            assert active
+            torch.manual_seed(0)  # the same dropout masks
+            loss, grads = train_step()
+            assert set(seen) == {torch.bfloat16}
+            raise RuntimeError("training stopped")
+    torch.testing.assert_close(loss, cast_loss, atol=2e-2, rtol=0)  # bf16 rounding of the dropout only
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    for g, reference in zip(grads, cast_grads):
+        assert (g - reference).norm() <= 0.05 * reference.norm() + 1e-6
+
+    model.eval()  # casting given back, also after an exception: outside autocast the fp32 adapters need it
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
 def test_layers_in_compute_dtype_leaves_a_tied_head_alone(tiny_model_path):
     from peft import prepare_model_for_kbit_training
 
