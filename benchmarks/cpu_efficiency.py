@@ -3,9 +3,12 @@
 In one process: a few training steps of each recipe at its cpu-preset settings (NF4 SmolLM2 +
 LoRA r=16 on every linear layer, fp32 compute; 01: classification head, 4 tickets x 4 accumulated,
 max_length 128, grouped by length, padded to a multiple of 16 tokens; 02: TRL SFT, packed and padding-free, 2 rows per step,
-max_length 384, loss on the answers), then a plain fp32 matrix multiplication of the model's own
-layer shapes at the same token count. Achieved training FLOP/s, counted from the model's shapes,
-divided by that measured matmul throughput is the share of the machine's matmul speed training gets.
+max_length 384, loss on the answers), and after each step, outside its timed window, a plain fp32 matrix
+multiplication of the model's own layer shapes at the same token count. The matmul time the steps' FLOPs,
+counted from the model's shapes, would take at the throughput measured right after each step, divided by
+the steps' time, is the share of the machine's matmul speed training gets. Measured after every step
+because this machine's speed drifts by up to a third within a process: a reference taken once, minutes
+away from the steps, moved the share by as much.
 Both recipes run without gradient checkpointing here. Recipe 02's cpu preset turns it on to stay under
 4 GB of memory: the forward pass computed again in the backward is extra work this share does not count
 as useful (the preset's own run gives its cost in time).
@@ -47,13 +50,19 @@ input to fp32 under a CPU's autocast), timed once more without. Training runs in
 model's own ("sdpa"); both are timed alone in either dtype. 02 trains inside
 `ftnb.tasks.sft.loss_on_labelled_positions` too, as its notebook does.
 
-Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py   # ~6 min on 2 cores
+Fewer, larger passes run faster on a CPU and keep more activations alive. For 01, in the dtype its cpu
+preset computes in here, the same steps run once more in passes of 8 tickets x 2 (the preset: 4 x 4, the
+same 16 tickets per step), and in each dtype the activations one pass keeps for its backward pass are
+counted at 4 and at 8 tickets of 128 tokens (autograd's saved tensors; the longest batch comes first).
+
+Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py   # ~12 min on 2 cores
        (prints the breakdown and writes benchmarks/cpu_efficiency.json; --steps N: timed steps per recipe)
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -64,6 +73,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any, Callable
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
@@ -86,6 +96,7 @@ MODEL = "smollm2-135m-instruct"
 WARMUP_STEPS = 2  # the first steps pay for allocation and, grouped by length, hold the longest batch
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")  # 01's and 02's settings
 SEED = 0
+MICRO_BATCHES = (4, 8)  # 01's tickets per pass: the preset's, and the larger pass its notebook weighs against memory
 UNDONE = {"torch_dropout": "with torch's dropout",  # the speed-ups cost_of_undoing times
           "trl_bf16_adapters": "with the adapters in bf16 as TRL stores them",
           "full_vocabulary_head": "with the vocabulary head over every position, the prompt's too",
@@ -94,16 +105,25 @@ UNDONE = {"torch_dropout": "with torch's dropout",  # the speed-ups cost_of_undo
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of every optimizer step."""
+    """Wall time of every optimizer step and, after each, outside the timed window, the matmul throughput
+    of the model's shapes in each of `reference_dtypes` (`matmul_throughput`) at the mean token count of
+    the micro-batches so far."""
 
-    def __init__(self):
+    def __init__(self, config, head: tuple[int, int], recorder: "ShapeRecorder",
+                 reference_dtypes: tuple[torch.dtype, ...] = ()):
+        self.config, self.head, self.recorder = config, head, recorder
         self.seconds: list[float] = []
+        self.throughput: dict[torch.dtype, list[float]] = {dtype: [] for dtype in reference_dtypes}
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.seconds.append(time.perf_counter() - self._start)
+        if self.throughput:
+            tokens = round(statistics.mean(b["rows"] * b["width"] for b in self.recorder.batches))
+            for dtype, values in self.throughput.items():
+                values.append(matmul_throughput(self.config, tokens, self.head, dtype))
 
 
 class ShapeRecorder:
@@ -277,9 +297,11 @@ def vocabulary_head_seconds_per_step(model, batches: list[dict], steps: int, dty
 
 
 def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
-                           torch_dropout: bool = False, fp32_layers: bool = False, cast_adapter_inputs: bool = False):
+                           torch_dropout: bool = False, fp32_layers: bool = False, cast_adapter_inputs: bool = False,
+                           micro_batch: int = 4):
     """Recipe 01 at its cpu preset (notebook 01's training cells), limited to `steps` optimizer steps,
-    computing in `dtype`; `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout,
+    computing in `dtype`, 16 tickets per step in passes of `micro_batch` (the preset: 4 x 4);
+    `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout,
     `fp32_layers` leaves the embedding and the norms in the fp32 of prepare_model_for_kbit_training (in bf16),
     `cast_adapter_inputs` trains without `adapter_inputs_uncast` (in bf16: peft's fp32 copies of the inputs)."""
     ds = data.load("tickets", schema=data.Schema.of("subject", "body", "category"))
@@ -295,8 +317,8 @@ def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, 
         use_fast_dropout(model)
     train = classify.tokenize_split(ds["train"], tokenizer, "category", labels, max_length=128)
     args = TrainingArguments(
-        output_dir=folder, max_steps=steps, learning_rate=1e-3, per_device_train_batch_size=4,
-        gradient_accumulation_steps=4, lr_scheduler_type="cosine", warmup_steps=0.1,
+        output_dir=folder, max_steps=steps, learning_rate=1e-3, per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=16 // micro_batch, lr_scheduler_type="cosine", warmup_steps=0.1,
         gradient_checkpointing=False, train_sampling_strategy="group_by_length", **env.precision_flags(dtype),
         save_strategy="no", report_to="none", disable_tqdm=True, seed=SEED)
     recorder = ShapeRecorder(DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16))
@@ -334,21 +356,48 @@ def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torc
     return trainer, recorder, (model.config.hidden_size, model.config.vocab_size), False, training_context
 
 
-def timed_steps(build, model_name: str, tokenizer, steps: int, dtype: torch.dtype):
-    """Train WARMUP_STEPS + steps optimizer steps computing in `dtype`: the trainer, the timed steps'
-    micro-batches and seconds, the head's shape and whether it is trained."""
+@dataclasses.dataclass
+class Timed:
+    """The timed steps of one recipe: their micro-batches, seconds and reference matmul throughputs."""
+    trainer: Any
+    batches: list[dict]  # every timed micro-batch, in order
+    seconds: list[float]  # per timed step
+    throughput: dict[torch.dtype, list[float]]  # per timed step, measured right after it
+    head: tuple[int, int]
+    head_trained: bool
+    training_context: Callable  # what the recipe trains inside, besides training_attention
+
+    @property
+    def step_batches(self) -> list[list[dict]]:
+        micro = self.trainer.args.gradient_accumulation_steps
+        return [self.batches[k * micro:(k + 1) * micro] for k in range(len(self.seconds))]
+
+    def fraction(self, dtype: torch.dtype, real: bool = True) -> float:
+        """The steps' matmul FLOPs at the `dtype` throughput measured after each step, in seconds, over
+        the steps' seconds."""
+        config = self.trainer.model.config
+        ideal = sum(training_flops(config, batches, self.head, self.head_trained, real) / rate
+                    for batches, rate in zip(self.step_batches, self.throughput[dtype]))
+        return ideal / sum(self.seconds)
+
+
+def timed_steps(build, model_name: str, tokenizer, steps: int, dtype: torch.dtype,
+                reference_dtypes: tuple[torch.dtype, ...] = ()) -> Timed:
+    """Train WARMUP_STEPS + steps optimizer steps computing in `dtype`, measuring the matmul throughput in
+    each of `reference_dtypes` after every step."""
     with tempfile.TemporaryDirectory() as folder:
         trainer, recorder, head, head_trained, training_context = build(model_name, tokenizer, WARMUP_STEPS + steps,
                                                                          folder, dtype)
-        timer = StepTimer()
+        timer = StepTimer(trainer.model.config, head, recorder, reference_dtypes)
         trainer.add_callback(timer)
         # as the notebooks train: 01 with "eager" attention and its adapters' inputs uncast on a CPU in bf16,
         # 02 scoring the answers alone
         with training_attention(trainer.model, dtype), training_context():
             trainer.train()
     micro = trainer.args.gradient_accumulation_steps
-    batches = recorder.batches[WARMUP_STEPS * micro:(WARMUP_STEPS + steps) * micro]
-    return trainer, batches, sum(timer.seconds[WARMUP_STEPS:]), head, head_trained
+    return Timed(trainer, recorder.batches[WARMUP_STEPS * micro:(WARMUP_STEPS + steps) * micro],
+                 timer.seconds[WARMUP_STEPS:], {dtype: values[WARMUP_STEPS:] for dtype, values in timer.throughput.items()},
+                 head, head_trained, training_context)
 
 
 def token_counts(batches: list[dict]) -> tuple[int, int, int]:
@@ -359,14 +408,56 @@ def token_counts(batches: list[dict]) -> tuple[int, int, int]:
     return real, executed, round(executed / len(batches))
 
 
+def saved_activation_mib(timed: Timed, rows: int, width: int, dtype: torch.dtype) -> float:
+    """MiB that the forward pass of one micro-batch of `rows` x `width` tokens keeps for the backward pass
+    (every tensor autograd saves, each storage once, the weights excluded), computed in `dtype` inside what
+    the recipe trains inside: what grows with the micro-batch, measured rather than read off the RSS."""
+    model = timed.trainer.model
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(1000, 20000, (rows, width))
+    model.train()
+    with (training_attention(model, dtype), timed.training_context(),
+          torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32),
+          torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor)):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return sum(saved.values()) / 2**20
+
+
+def activations_by_micro_batch(timed: Timed, dtype: torch.dtype) -> dict[str, float]:
+    """01's `saved_activation_mib` for each of MICRO_BATCHES tickets of max_length (128) tokens."""
+    return {f"{rows} x 128": saved_activation_mib(timed, rows, 128, dtype) for rows in MICRO_BATCHES}
+
+
+def measure_larger_pass(model_name: str, tokenizer, steps: int, dtype: torch.dtype, recipe: dict) -> dict:
+    """01's steps in passes of MICRO_BATCHES[-1] tickets (the same 16 tickets per step) computing in `dtype`:
+    real tokens per second against the `recipe` row's, and the share of the fp32 matmul limit."""
+    timed = timed_steps(functools.partial(classification_trainer, micro_batch=MICRO_BATCHES[-1]), model_name,
+                        tokenizer, steps, dtype, (torch.float32,))
+    seconds, (real, executed, _) = sum(timed.seconds), token_counts(timed.batches)
+    return {"micro_batch": MICRO_BATCHES[-1], "seconds_per_step": seconds / steps,
+            "tokens_per_second_real": real / seconds,
+            "times_the_recipes_speed": real / seconds / recipe["tokens_per_second_real"],
+            "padding_waste": 1 - real / executed, "fraction_of_fp32_matmul": timed.fraction(torch.float32)}
+
+
 def measure(build, model_name: str, tokenizer, steps: int) -> dict:
     """The breakdown of `steps` timed fp32 training steps (module docstring)."""
-    trainer, batches, seconds, head, head_trained = timed_steps(build, model_name, tokenizer, steps, torch.float32)
+    timed = timed_steps(build, model_name, tokenizer, steps, torch.float32, (torch.float32,))
+    trainer, batches, seconds, head, head_trained = (timed.trainer, timed.batches, sum(timed.seconds), timed.head,
+                                                     timed.head_trained)
     model, micro = trainer.model, trainer.args.gradient_accumulation_steps
     config = model.config
     real, executed = (training_flops(config, batches, head, head_trained, real=r) for r in (True, False))
     tokens_real, tokens_executed, tokens_per_micro = token_counts(batches)
-    matmul = matmul_throughput(config, tokens_per_micro, head)
+    matmul, fraction_real = statistics.mean(timed.throughput[torch.float32]), timed.fraction(torch.float32)
     nf4_s = nf4_overhead_seconds(model, tokens_per_micro) * len(batches) / steps
     dropout_s, torch_dropout_s = (lora_dropout_seconds(model, tokens_per_micro, layer) * len(batches) / steps
                                   for layer in (FastDropout(LORA["lora_dropout"]), torch.nn.Dropout(LORA["lora_dropout"])))
@@ -380,17 +471,20 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
         "gflop_per_step_real": real / steps / 1e9, "gflop_per_step_executed": executed / steps / 1e9,
         "achieved_gflops_real": real / seconds / 1e9, "achieved_gflops_executed": executed / seconds / 1e9,
         "matmul_fp32_gflops": matmul / 1e9, "matmul_tokens": tokens_per_micro,
-        "fraction_real": real / seconds / matmul, "fraction_executed": executed / seconds / matmul,
+        "matmul_fp32_gflops_range": [min(timed.throughput[torch.float32]) / 1e9, max(timed.throughput[torch.float32]) / 1e9],
+        "fraction_real": fraction_real, "fraction_executed": timed.fraction(torch.float32, real=False),
         "nf4_overhead_s_per_step": nf4_s, "nf4_overhead_share": nf4_s / step_s,
         "lora_dropout_s_per_step": dropout_s, "lora_dropout_share": dropout_s / step_s,
         "torch_lora_dropout_s_per_step": torch_dropout_s,  # the same masks drawn by torch's nn.Dropout
         "vocabulary_head_s_per_step": vocabulary,  # 02: TRL's fused head, answers alone and every position
         "attention_s_per_step": attention_seconds_per_step(model, batches, steps, torch.float32),
         # what the share of the matmul limit would be with that cost gone (the same real FLOPs)
-        "fraction_real_without_nf4_overhead": real / steps / (step_s - nf4_s) / matmul,
-        "fraction_real_without_lora_dropout": real / steps / (step_s - dropout_s) / matmul,
-        "fraction_real_without_padding": real / seconds / matmul * tokens_executed / tokens_real,
+        "fraction_real_without_nf4_overhead": fraction_real * step_s / (step_s - nf4_s),
+        "fraction_real_without_lora_dropout": fraction_real * step_s / (step_s - dropout_s),
+        "fraction_real_without_padding": fraction_real * tokens_executed / tokens_real,
     }
+    if head_trained:  # 01: what a larger pass would keep (its longest tickets come first)
+        out["saved_activation_mib_at_max_length"] = activations_by_micro_batch(timed, torch.float32)
     return out
 
 
@@ -398,26 +492,30 @@ def cost_of_undoing(build, undo: str, model_name: str, tokenizer, steps: int, re
                     dtype: torch.dtype = torch.float32) -> dict:
     """A recipe's steps in `dtype` once more with one CPU speed-up undone (`undo`, a keyword of `build` set to
     True: a key of UNDONE), and how many times as long they take as the `recipe` row measured in that dtype."""
-    _, _, seconds, _, _ = timed_steps(functools.partial(build, **{undo: True}), model_name, tokenizer, steps, dtype)
+    seconds = sum(timed_steps(functools.partial(build, **{undo: True}), model_name, tokenizer, steps, dtype).seconds)
     return {"seconds_per_step": seconds / steps, "times_the_recipe": seconds / steps / recipe["seconds_per_step"]}
 
 
 def measure_bf16(build, model_name: str, tokenizer, steps: int, fp32: dict) -> dict:
     """The same steps computing in bf16 (a CPU with bf16 instructions: notebook 01's cpu_bf16), against
-    the bf16 and the fp32 matmul throughput of the same shapes, and the speed-up over the fp32 row."""
-    trainer, batches, seconds, head, head_trained = timed_steps(build, model_name, tokenizer, steps, torch.bfloat16)
-    config = trainer.model.config
-    real = training_flops(config, batches, head, head_trained, real=True)
-    tokens_real, _, tokens_per_micro = token_counts(batches)
-    matmul_bf16 = matmul_throughput(config, tokens_per_micro, head, torch.bfloat16)
+    the bf16 and the fp32 matmul throughput of the same shapes measured after each step, and the speed-up
+    over the fp32 row."""
+    timed = timed_steps(build, model_name, tokenizer, steps, torch.bfloat16, (torch.float32, torch.bfloat16))
+    trainer, batches, seconds = timed.trainer, timed.batches, sum(timed.seconds)
+    real = training_flops(trainer.model.config, batches, timed.head, timed.head_trained, real=True)
+    tokens_real = token_counts(batches)[0]
     return {"timed_steps": steps, "seconds_per_step": seconds / steps, "tokens_per_second_real": tokens_real / seconds,
-            "achieved_gflops_real": real / seconds / 1e9, "matmul_bf16_gflops": matmul_bf16 / 1e9,
-            "fraction_of_bf16_matmul": real / seconds / matmul_bf16,
-            "fraction_of_fp32_matmul": real / seconds / (fp32["matmul_fp32_gflops"] * 1e9),
+            "achieved_gflops_real": real / seconds / 1e9,
+            "matmul_bf16_gflops": statistics.mean(timed.throughput[torch.bfloat16]) / 1e9,
+            "matmul_fp32_gflops": statistics.mean(timed.throughput[torch.float32]) / 1e9,
+            "fraction_of_bf16_matmul": timed.fraction(torch.bfloat16),
+            "fraction_of_fp32_matmul": timed.fraction(torch.float32),
             "speedup_over_fp32": fp32["seconds_per_step"] / (seconds / steps),
             "attention_s_per_step": attention_seconds_per_step(trainer.model, batches, steps, torch.bfloat16),
-            "vocabulary_head_s_per_step": None if head_trained else vocabulary_head_seconds_per_step(
-                trainer.model, batches, steps, torch.bfloat16)}
+            "vocabulary_head_s_per_step": None if timed.head_trained else vocabulary_head_seconds_per_step(
+                trainer.model, batches, steps, torch.bfloat16),
+            "saved_activation_mib_at_max_length": activations_by_micro_batch(timed, torch.bfloat16)
+            if timed.head_trained else None}
 
 
 def vocabulary_line(row: dict) -> str:
@@ -469,8 +567,9 @@ def main() -> None:
         result["recipes"][name] = row = measure(build, args.model, tokenizer, args.steps)
         print(f"{name}: {row['seconds_per_step']:.2f} s/step, {row['tokens_per_second_real']:.0f} real tokens/s, "
               f"padding {row['padding_waste']:.0%}; {row['achieved_gflops_real']:.1f} GFLOP/s real "
-              f"({row['achieved_gflops_executed']:.1f} as executed) of {row['matmul_fp32_gflops']:.1f} GFLOP/s "
-              f"fp32 matmul = {row['fraction_real']:.2f} ({row['fraction_executed']:.2f}); NF4 overhead "
+              f"({row['achieved_gflops_executed']:.1f} as executed), fp32 matmul {row['matmul_fp32_gflops']:.1f} GFLOP/s "
+              f"({'-'.join(f'{g:.0f}' for g in row['matmul_fp32_gflops_range'])} over the steps): share "
+              f"{row['fraction_real']:.2f} ({row['fraction_executed']:.2f}); NF4 overhead "
               f"{row['nf4_overhead_share']:.0%} of a step, LoRA dropout {row['lora_dropout_share']:.0%} "
               f"({row['torch_lora_dropout_s_per_step']:.2f} s/step with torch's), "
               f"{vocabulary_line(row)}{attention_line(row)}")
@@ -482,14 +581,22 @@ def main() -> None:
         if env.cpu_native_bf16():
             result["recipes_bf16"][name] = half = measure_bf16(build, args.model, tokenizer, args.steps, row)
             print(f"{name}, bf16: {half['seconds_per_step']:.2f} s/step ({half['speedup_over_fp32']:.2f}x fp32), "
-                  f"{half['achieved_gflops_real']:.1f} GFLOP/s real = {half['fraction_of_fp32_matmul']:.2f} of the "
-                  f"fp32 matmul limit, {half['fraction_of_bf16_matmul']:.2f} of the bf16 one "
-                  f"({half['matmul_bf16_gflops']:.1f} GFLOP/s); {vocabulary_line(half)}{attention_line(half)}")
+                  f"{half['achieved_gflops_real']:.1f} GFLOP/s real: {half['fraction_of_fp32_matmul']:.2f} of the "
+                  f"fp32 matmul limit ({half['matmul_fp32_gflops']:.1f} GFLOP/s), {half['fraction_of_bf16_matmul']:.2f} "
+                  f"of the bf16 one ({half['matmul_bf16_gflops']:.1f}); {vocabulary_line(half)}{attention_line(half)}")
             for speed_up in ["fp32_layers", "cast_adapter_inputs"] if build is classification_trainer else []:
                 half[speed_up] = slow = cost_of_undoing(build, speed_up, args.model, tokenizer, args.steps,
                                                         half, torch.bfloat16)
                 print(f"{name}, bf16 {UNDONE[speed_up]}: {slow['seconds_per_step']:.2f} s/step "
                       f"({slow['times_the_recipe']:.2f}x the recipe's)")
+        if build is classification_trainer:  # the larger pass, in the dtype the cpu preset computes in here
+            dtype = env.pick_dtype(cpu_bf16=True)
+            table = result["recipes_bf16" if dtype == torch.bfloat16 else "recipes"][name]
+            table["larger_pass"] = larger = measure_larger_pass(args.model, tokenizer, args.steps, dtype, table)
+            print(f"{name}, {str(dtype).removeprefix('torch.')} in passes of {larger['micro_batch']}: "
+                  f"{larger['tokens_per_second_real']:.0f} real tokens/s ({larger['times_the_recipes_speed']:.2f}x "
+                  f"the recipe's), share {larger['fraction_of_fp32_matmul']:.2f}; saved activations per pass of "
+                  f"128 tokens each: {table['saved_activation_mib_at_max_length']} MiB")
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("saved", args.out)
 

@@ -38,6 +38,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           PreTrainedTokenizerBase)
 
 from ftnb.env import device_type, pick_dtype
+from ftnb.memory import trim_heap
 
 QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
 TASKS = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification}
@@ -348,6 +349,9 @@ def load_model(name_or_path: str, task: str = "causal-lm", quantization: str = "
     if quant is not None:
         keep_training_kernel(model)
         copy_out_of_checkpoint(model)
+        # quantizing read every weight in full precision; glibc keeps those freed pages resident (0.2-1.0 GB
+        # for SmolLM2 in recipe 01's runs, varying from run to run) unless asked to hand them back
+        trim_heap()
     return model
 
 
@@ -398,7 +402,7 @@ def layers_in_compute_dtype(model: torch.nn.Module, compute_dtype: torch.dtype) 
     fp16, whose range is narrow. Computing in bf16 that leaves the residual stream between the layers in fp32:
     every 4-bit layer casts its input to bf16 and its output back to fp32, and the norms, activations and
     dropout masks move twice the bytes. On a 2-core Xeon with AMX those conversions took 16% of the CPU time
-    of recipe 01's training steps in a profile, and a step 1.13-1.17x as long (`benchmarks/cpu_efficiency.py`).
+    of recipe 01's training steps in a profile, and a step 1.05-1.17x as long (`benchmarks/cpu_efficiency.py`).
     bf16 has fp32's range, and a model loaded in bf16 runs its residual stream in bf16 anyway. The final norm
     and the head stay as they are (fp32), so the head reads fp32 as it did; trainable tensors (adapters, a
     trained head) too. With fp16 or fp32 nothing changes, nor in a model whose output head is its input

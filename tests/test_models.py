@@ -130,6 +130,17 @@ def test_a_quantized_model_holds_no_view_of_its_checkpoint_file(tiny_model_path)
     assert torch.isfinite(out.logits).all()
 
 
+def test_a_quantized_load_hands_the_heap_back(tiny_model_path, monkeypatch):
+    # quantizing reads every weight in full precision; the pages it freed go back to the system after the
+    # load (a plain load has none to give: its weights are the checkpoint's own)
+    trims = []
+    monkeypatch.setattr(models, "trim_heap", lambda: trims.append(True))
+    load_model(tiny_model_path, dtype=torch.float32)
+    assert trims == []
+    load_model(tiny_model_path, quantization="nf4", dtype=torch.float32)
+    assert trims == [True]
+
+
 def test_bad_quantization_name():
     with pytest.raises(ValueError, match="nf4"):
         models.bnb_config("nf3")
