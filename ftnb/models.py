@@ -489,12 +489,20 @@ def adapter_inputs_uncast(model: torch.nn.Module, compute_dtype: torch.dtype) ->
 
     Usage: with adapter_inputs_uncast(model, compute_dtype): trainer.train()
     """
-    from peft.helpers import disable_input_dtype_casting
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     on_cpu = next(model.parameters()).device.type == "cpu"
     active = on_cpu and compute_dtype == torch.bfloat16
-    with disable_input_dtype_casting(model, active=active):
+    # peft's own disable_input_dtype_casting reads the flag, which some layers (VeRA's) never set: default True
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)] if active else []
+    before = [getattr(layer, "cast_input_dtype_enabled", True) for layer in layers]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
         yield active
+    finally:
+        for layer, value in zip(layers, before):
+            layer.cast_input_dtype_enabled = value
 
 
 def describe_registry() -> str:

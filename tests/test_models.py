@@ -319,6 +319,21 @@ def test_adapter_inputs_uncast_keeps_bf16_adapter_inputs_under_cpu_autocast_and_
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("variant", ["lora", "vera"])
+def test_adapter_inputs_uncast_restores_each_layers_flag(tiny_model_path, variant):
+    from peft import LoraConfig, VeraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    config = (LoraConfig(r=4, target_modules="all-linear") if variant == "lora"
+              else VeraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(load_model(tiny_model_path, dtype=torch.float32), config)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+    with models.adapter_inputs_uncast(model, torch.bfloat16):  # VeRA's layers have no flag of their own
+        assert all(m.cast_input_dtype_enabled is False for m in layers)
+    assert [getattr(m, "cast_input_dtype_enabled", True) for m in layers] == before
+
+
 def test_layers_in_compute_dtype_leaves_a_tied_head_alone(tiny_model_path):
     from peft import prepare_model_for_kbit_training
 
