@@ -240,7 +240,8 @@ def test_a_cell_timeout_ends_with_its_own_exit_code(toy_notebook, tmp_path):
 def test_ctrl_c_and_sigterm_end_the_run_cleanly(toy_notebook, tmp_path, sent, exit_code, said):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "ftnb", "run", str(toy_notebook), "-p", "wait", "120",
-                             "--output-dir", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                             "--output-dir", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
     try:
         # the record says "running" from the start; wait until the sleeping cell has begun
         deadline = time.monotonic() + 120
@@ -269,6 +270,12 @@ def test_ctrl_c_and_sigterm_end_the_run_cleanly(toy_notebook, tmp_path, sent, ex
     assert last_line == f"error: toy.ipynb: {said} in cell [3]; partial notebook: {out / 'toy.ipynb'}"
     record = _record(out)
     assert (record["status"], record["exit_code"]) == ("interrupted", exit_code) and record["ended"]
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A shell starts background jobs with SIGINT ignored (POSIX), and children inherit that: where the tests
+    themselves run as one (`make test &`), the run would rightly ignore the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _sleeping_cell_started(executed: Path) -> bool:
