@@ -33,12 +33,16 @@ layer's input in every forward pass; the recipes draw it with `ftnb.dropout.Fast
 beside torch's own), 02's loss (TRL's fused vocabulary head, forward and backward, over the answers'
 positions and over every position), and the attention, forward and
 backward, with transformers' "sdpa" (on a CPU PyTorch's flash kernel) and "eager" implementations
-(02's packed rows timed as one causal sequence each, an upper bound). Then the same steps again with
-one of the recipes' CPU speed-ups undone, to time what it saves: torch's dropout instead of FastDropout
+(02's packed rows timed as one causal sequence each, more than its training computes: below). Then the same steps again with
+one of the recipes' CPU speed-ups undone, to time what it saves (in seconds, and at equal matmul speed: the
+undone row's share of the reference against the recipe row's, as the rows run minutes apart and the machine's
+speed drifts in between): torch's dropout instead of FastDropout
 (both recipes), and for 02 the adapters in bf16, as TRL's SFTTrainer stores a quantized model's adapters
 (the recipe puts them back in fp32 with `sft.keep_fp32_adapters`): what that costs where bf16 is emulated;
-and 02's vocabulary head over every position, TRL's choice on a CPU (the recipe trains inside
-`sft.loss_on_labelled_positions`, which projects the answers' positions alone).
+02's vocabulary head over every position, TRL's choice on a CPU (the recipe trains inside
+`sft.loss_on_labelled_positions`, which projects the answers' positions alone); and 02's attention over
+each whole packed row under transformers' block mask (`training_attention` attends one example at a time,
+`ftnb.attention.by_sequence`).
 
 On a CPU with bf16 instructions (AVX512-BF16, AMX) the same steps run once more computing in bf16
 (notebook 01's `cpu_bf16`), against the bf16 matmul throughput of the same shapes and against the fp32 one.
@@ -46,8 +50,8 @@ On a CPU with bf16 instructions (AVX512-BF16, AMX) the same steps run once more 
 as notebook 01 does; 02's head is its embedding, which the helper leaves alone), timed once more without;
 and 01 trains inside `ftnb.models.adapter_inputs_uncast`, as notebook 01 does (peft copies every adapter's
 input to fp32 under a CPU's autocast), timed once more without. Training runs inside
-`ftnb.models.training_attention`, as in notebook 01: in bf16 on a CPU with "eager" attention, else with the
-model's own ("sdpa"); both are timed alone in either dtype. 02 trains inside
+`ftnb.models.training_attention`, as in notebooks 01 and 02: in bf16 on a CPU with "eager" attention, else with the
+model's own ("sdpa"), and packed rows (02's) one example at a time; both kernels are timed alone in either dtype. 02 trains inside
 `ftnb.tasks.sft.loss_on_labelled_positions` too, as its notebook does.
 
 Fewer, larger passes run faster on a CPU and keep more activations alive. For 01, in the dtype its cpu
@@ -86,7 +90,7 @@ from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArgum
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ftnb import data, env  # noqa: E402
+from ftnb import attention, data, env  # noqa: E402
 from ftnb.dropout import FastDropout, use_fast_dropout  # noqa: E402
 from ftnb.models import (adapter_inputs_uncast, layers_in_compute_dtype, load_model, load_tokenizer,  # noqa: E402
                          training_attention)
@@ -101,7 +105,8 @@ UNDONE = {"torch_dropout": "with torch's dropout",  # the speed-ups cost_of_undo
           "trl_bf16_adapters": "with the adapters in bf16 as TRL stores them",
           "full_vocabulary_head": "with the vocabulary head over every position, the prompt's too",
           "fp32_layers": "with the embedding and the layers' norms in fp32, as prepare_model_for_kbit_training leaves them",
-          "cast_adapter_inputs": "with peft casting every adapter's input to fp32 (it checks CUDA's autocast alone)"}
+          "cast_adapter_inputs": "with peft casting every adapter's input to fp32 (it checks CUDA's autocast alone)",
+          "block_mask_attention": "with attention over each whole packed row under transformers' block mask"}
 
 
 class StepTimer(TrainerCallback):
@@ -328,11 +333,14 @@ def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, 
 
 
 def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
-                torch_dropout: bool = False, trl_bf16_adapters: bool = False, full_vocabulary_head: bool = False):
+                torch_dropout: bool = False, trl_bf16_adapters: bool = False, full_vocabulary_head: bool = False,
+                block_mask_attention: bool = False):
     """Recipe 02 at its cpu preset (notebook 02's training cells), limited to `steps` optimizer steps,
     computing in `dtype`; `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout,
     `trl_bf16_adapters` leaves the adapters in the bf16 TRL stores them in, `full_vocabulary_head` trains
-    without `sft.loss_on_labelled_positions` (the vocabulary head over the prompt's positions too)."""
+    without `sft.loss_on_labelled_positions` (the vocabulary head over the prompt's positions too),
+    `block_mask_attention` attends over each whole packed row as transformers does, instead of one example
+    at a time as `training_attention` has it."""
     from trl import SFTConfig, SFTTrainer
 
     rows = data.subset(data.load("domains", schema=sft.SCHEMA)["train"], 360, SEED, stratify="domain")
@@ -352,8 +360,27 @@ def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torc
         sft.keep_fp32_adapters(trainer)
     recorder = ShapeRecorder(trainer.data_collator)
     trainer.data_collator = recorder
-    training_context = contextlib.nullcontext if full_vocabulary_head else sft.loss_on_labelled_positions
+    @contextlib.contextmanager
+    def training_context():
+        with contextlib.ExitStack() as stack:
+            if not full_vocabulary_head:
+                stack.enter_context(sft.loss_on_labelled_positions())
+            if block_mask_attention:
+                stack.enter_context(_whole_rows(model))
+            yield
     return trainer, recorder, (model.config.hidden_size, model.config.vocab_size), False, training_context
+
+
+@contextlib.contextmanager
+def _whole_rows(model):
+    """Inside `training_attention`: its kernel, without attending packed rows one example at a time."""
+    inner = model.get_base_model()
+    chosen = inner.config._attn_implementation
+    inner.set_attn_implementation(chosen.removeprefix(attention.PREFIX))
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(chosen)
 
 
 @dataclasses.dataclass
@@ -491,9 +518,14 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
 def cost_of_undoing(build, undo: str, model_name: str, tokenizer, steps: int, recipe: dict,
                     dtype: torch.dtype = torch.float32) -> dict:
     """A recipe's steps in `dtype` once more with one CPU speed-up undone (`undo`, a keyword of `build` set to
-    True: a key of UNDONE), and how many times as long they take as the `recipe` row measured in that dtype."""
-    seconds = sum(timed_steps(functools.partial(build, **{undo: True}), model_name, tokenizer, steps, dtype).seconds)
-    return {"seconds_per_step": seconds / steps, "times_the_recipe": seconds / steps / recipe["seconds_per_step"]}
+    True: a key of UNDONE), and how many times as long they take as the `recipe` row measured in that dtype:
+    in seconds, and at equal matmul speed (the ratio of the two rows' shares of the fp32 matmul reference
+    measured after each step), which takes out the machine's drift between the rows, minutes apart."""
+    timed = timed_steps(functools.partial(build, **{undo: True}), model_name, tokenizer, steps, dtype, (torch.float32,))
+    seconds = sum(timed.seconds) / steps
+    recipe_share = recipe["fraction_real"] if "fraction_real" in recipe else recipe["fraction_of_fp32_matmul"]
+    return {"seconds_per_step": seconds, "times_the_recipe": seconds / recipe["seconds_per_step"],
+            "times_the_recipe_at_equal_matmul_speed": recipe_share / timed.fraction(torch.float32)}
 
 
 def measure_bf16(build, model_name: str, tokenizer, steps: int, fp32: dict) -> dict:
@@ -573,11 +605,12 @@ def main() -> None:
               f"{row['nf4_overhead_share']:.0%} of a step, LoRA dropout {row['lora_dropout_share']:.0%} "
               f"({row['torch_lora_dropout_s_per_step']:.2f} s/step with torch's), "
               f"{vocabulary_line(row)}{attention_line(row)}")
-        sft_only = ["trl_bf16_adapters", "full_vocabulary_head"] if build is sft_trainer else []
+        sft_only = ["trl_bf16_adapters", "full_vocabulary_head", "block_mask_attention"] if build is sft_trainer else []
         for speed_up in ["torch_dropout"] + sft_only:
             row[speed_up] = slow = cost_of_undoing(build, speed_up, args.model, tokenizer, args.steps, row)
             print(f"{name}, {UNDONE[speed_up]}: {slow['seconds_per_step']:.2f} s/step "
-                  f"({slow['times_the_recipe']:.2f}x the recipe's)")
+                  f"({slow['times_the_recipe']:.2f}x the recipe's; at equal matmul speed "
+                  f"{slow['times_the_recipe_at_equal_matmul_speed']:.2f}x)")
         if env.cpu_native_bf16():
             result["recipes_bf16"][name] = half = measure_bf16(build, args.model, tokenizer, args.steps, row)
             print(f"{name}, bf16: {half['seconds_per_step']:.2f} s/step ({half['speedup_over_fp32']:.2f}x fp32), "
@@ -588,7 +621,8 @@ def main() -> None:
                 half[speed_up] = slow = cost_of_undoing(build, speed_up, args.model, tokenizer, args.steps,
                                                         half, torch.bfloat16)
                 print(f"{name}, bf16 {UNDONE[speed_up]}: {slow['seconds_per_step']:.2f} s/step "
-                      f"({slow['times_the_recipe']:.2f}x the recipe's)")
+                      f"({slow['times_the_recipe']:.2f}x the recipe's; at equal matmul speed "
+                      f"{slow['times_the_recipe_at_equal_matmul_speed']:.2f}x)")
         if build is classification_trainer:  # the larger pass, in the dtype the cpu preset computes in here
             dtype = env.pick_dtype(cpu_bf16=True)
             table = result["recipes_bf16" if dtype == torch.bfloat16 else "recipes"][name]

@@ -37,6 +37,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           AutoTokenizer, BitsAndBytesConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
+from ftnb import attention
 from ftnb.env import device_type, pick_dtype
 from ftnb.memory import trim_heap
 
@@ -447,28 +448,36 @@ def plain_forward(model: torch.nn.Module) -> torch.nn.Module:
     return extract_model_from_parallel(model, keep_fp32_wrapper=False)
 
 
+def _bf16_on_cpu(model: torch.nn.Module, compute_dtype: torch.dtype) -> bool:
+    """Where the CPU workarounds below apply: a model on a CPU, computing in bf16."""
+    return compute_dtype == torch.bfloat16 and next(model.parameters()).device.type == "cpu"
+
+
 @contextlib.contextmanager
 def training_attention(model: torch.nn.Module, compute_dtype: torch.dtype) -> Iterator[str]:
-    """Train `model` with the attention kernel that trains fastest where it is, then give it back its own.
+    """Train `model` with the attention that trains fastest where it is, then give it back its own.
 
-    On a CPU computing in bf16, the kernel transformers' "sdpa" gets from PyTorch there (flash attention)
-    is slow in training: recipe 01's attention, forward and backward, took 1.03 s per optimizer step with
-    it against 0.34 s as plain attention, two matmuls around a softmax ("eager"), on a 2-core Xeon with
-    AMX; in fp32 the two are level, 0.39 and 0.45 s (`git show da553c5:benchmarks/cpu_efficiency_xeon.json`, the run of 2026-12-06 03:38). So inside the
-    block such a model attends with "eager"; elsewhere nothing changes. Afterwards the model has its own
-    implementation again: a forward pass over long inputs is where the fused kernel wins (16 x 512 tokens:
-    1.1 against 5.2 s in bf16), and the model then predicts as its saved copy, loaded with it, will.
-    Yields the implementation used inside the block.
+    Two choices. The kernel: on a CPU computing in bf16, the one transformers' "sdpa" gets from PyTorch there
+    (flash attention) is slow in training: recipe 01's attention, forward and backward, took 1.03 s per
+    optimizer step with it against 0.34 s as plain attention, two matmuls around a softmax ("eager"), on a
+    2-core Xeon with AMX; in fp32 the two are level, 0.39 and 0.45 s (`git show
+    da553c5:benchmarks/cpu_efficiency_xeon.json`, the run of 2026-12-06 03:38). So there such a model
+    attends with "eager", elsewhere with its own kernel. And packed rows (padding-free batches: recipe 02)
+    are attended one example at a time (`ftnb.attention.by_sequence`) instead of over the whole row under
+    a block mask, which computes every example's scores against every other's only to mask them away.
+    Afterwards the model has its own implementation again: a forward pass over long inputs is where the
+    fused kernel wins (16 x 512 tokens: 1.1 against 5.2 s in bf16), and the model then predicts as its
+    saved copy, loaded with it, will. Models with another implementation (flash attention on a GPU reads
+    the restarts itself) keep it. Yields the kernel used inside the block.
 
     Usage: with training_attention(model, compute_dtype): trainer.train()
     """
     inner = without_peft(model)
     own = inner.config._attn_implementation
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    chosen = "eager" if on_cpu and compute_dtype == torch.bfloat16 and own == "sdpa" else own
-    inner.set_attn_implementation(chosen)
+    kernel = "eager" if _bf16_on_cpu(model, compute_dtype) and own == "sdpa" else own
+    inner.set_attn_implementation(attention.by_sequence(kernel) if kernel in attention.KERNELS else kernel)
     try:
-        yield chosen
+        yield kernel
     finally:
         inner.set_attn_implementation(own)
 
@@ -491,8 +500,7 @@ def adapter_inputs_uncast(model: torch.nn.Module, compute_dtype: torch.dtype) ->
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    active = on_cpu and compute_dtype == torch.bfloat16
+    active = _bf16_on_cpu(model, compute_dtype)
     # peft's own disable_input_dtype_casting reads the flag, which some layers (VeRA's) never set: default True
     layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)] if active else []
     before = [getattr(layer, "cast_input_dtype_enabled", True) for layer in layers]

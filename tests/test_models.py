@@ -221,10 +221,10 @@ def test_training_attention_is_eager_only_for_bf16_on_cpu_and_restored_after(tin
         own_logits = model(**batch).logits
     assert inner.config._attn_implementation == "sdpa"
     with models.training_attention(model, torch.float32) as used:
-        assert used == "sdpa" and inner.config._attn_implementation == "sdpa"
+        assert used == "sdpa" and inner.config._attn_implementation == "ftnb_by_sequence_sdpa"  # packed rows apart
     with pytest.raises(RuntimeError, match="stopped"):
         with models.training_attention(model, torch.bfloat16) as used:
-            assert used == "eager" and inner.config._attn_implementation == "eager"
+            assert used == "eager" and inner.config._attn_implementation == "ftnb_by_sequence_eager"
             with torch.no_grad():
                 eager_logits = model(**batch).logits
             torch.testing.assert_close(eager_logits, own_logits, atol=1e-5, rtol=1e-4)  # the same attention
