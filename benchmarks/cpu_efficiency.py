@@ -528,6 +528,16 @@ def cost_of_undoing(build, undo: str, model_name: str, tokenizer, steps: int, re
             "times_the_recipe_at_equal_matmul_speed": recipe_share / timed.fraction(torch.float32)}
 
 
+def undo_each(build, speed_ups: list[str], model_name: str, tokenizer, steps: int, recipe: dict,
+              dtype: torch.dtype, label: str) -> None:
+    """`cost_of_undoing` for each of `speed_ups`, kept in the `recipe` row under its name and printed."""
+    for speed_up in speed_ups:
+        recipe[speed_up] = slow = cost_of_undoing(build, speed_up, model_name, tokenizer, steps, recipe, dtype)
+        print(f"{label} {UNDONE[speed_up]}: {slow['seconds_per_step']:.2f} s/step "
+              f"({slow['times_the_recipe']:.2f}x the recipe's; at equal matmul speed "
+              f"{slow['times_the_recipe_at_equal_matmul_speed']:.2f}x)")
+
+
 def measure_bf16(build, model_name: str, tokenizer, steps: int, fp32: dict) -> dict:
     """The same steps computing in bf16 (a CPU with bf16 instructions: notebook 01's cpu_bf16), against
     the bf16 and the fp32 matmul throughput of the same shapes measured after each step, and the speed-up
@@ -606,23 +616,15 @@ def main() -> None:
               f"({row['torch_lora_dropout_s_per_step']:.2f} s/step with torch's), "
               f"{vocabulary_line(row)}{attention_line(row)}")
         sft_only = ["trl_bf16_adapters", "full_vocabulary_head", "block_mask_attention"] if build is sft_trainer else []
-        for speed_up in ["torch_dropout"] + sft_only:
-            row[speed_up] = slow = cost_of_undoing(build, speed_up, args.model, tokenizer, args.steps, row)
-            print(f"{name}, {UNDONE[speed_up]}: {slow['seconds_per_step']:.2f} s/step "
-                  f"({slow['times_the_recipe']:.2f}x the recipe's; at equal matmul speed "
-                  f"{slow['times_the_recipe_at_equal_matmul_speed']:.2f}x)")
+        undo_each(build, ["torch_dropout"] + sft_only, args.model, tokenizer, args.steps, row, torch.float32, f"{name},")
         if env.cpu_native_bf16():
             result["recipes_bf16"][name] = half = measure_bf16(build, args.model, tokenizer, args.steps, row)
             print(f"{name}, bf16: {half['seconds_per_step']:.2f} s/step ({half['speedup_over_fp32']:.2f}x fp32), "
                   f"{half['achieved_gflops_real']:.1f} GFLOP/s real: {half['fraction_of_fp32_matmul']:.2f} of the "
                   f"fp32 matmul limit ({half['matmul_fp32_gflops']:.1f} GFLOP/s), {half['fraction_of_bf16_matmul']:.2f} "
                   f"of the bf16 one ({half['matmul_bf16_gflops']:.1f}); {vocabulary_line(half)}{attention_line(half)}")
-            for speed_up in ["fp32_layers", "cast_adapter_inputs"] if build is classification_trainer else []:
-                half[speed_up] = slow = cost_of_undoing(build, speed_up, args.model, tokenizer, args.steps,
-                                                        half, torch.bfloat16)
-                print(f"{name}, bf16 {UNDONE[speed_up]}: {slow['seconds_per_step']:.2f} s/step "
-                      f"({slow['times_the_recipe']:.2f}x the recipe's; at equal matmul speed "
-                      f"{slow['times_the_recipe_at_equal_matmul_speed']:.2f}x)")
+            bf16_only = ["fp32_layers", "cast_adapter_inputs"] if build is classification_trainer else []
+            undo_each(build, bf16_only, args.model, tokenizer, args.steps, half, torch.bfloat16, f"{name}, bf16")
         if build is classification_trainer:  # the larger pass, in the dtype the cpu preset computes in here
             dtype = env.pick_dtype(cpu_bf16=True)
             table = result["recipes_bf16" if dtype == torch.bfloat16 else "recipes"][name]
