@@ -28,16 +28,18 @@ counted: their time is part of what keeps the share below 1.
 
 Also measured at the same token count: the extra time of the NF4 layers over fp32 matmuls of
 the same shapes (bitsandbytes de-quantizes each weight in the forward pass and again for the
-input gradient), the adapters' dropout (`lora_dropout` 0.05: a fresh random mask over every adapted
+input gradient: what the recipes, which train inside `ftnb.models.weights_dequantized_once`, no longer pay
+in training), the adapters' dropout (`lora_dropout` 0.05: a fresh random mask over every adapted
 layer's input in every forward pass; the recipes draw it with `ftnb.dropout.FastDropout`, timed here
 beside torch's own), 02's loss (TRL's fused vocabulary head, forward and backward, over the answers'
 positions and over every position), and the attention, forward and
 backward, with transformers' "sdpa" (on a CPU PyTorch's flash kernel) and "eager" implementations
-(02's packed rows timed as one causal sequence each, more than its training computes: below). Then the same steps again with
+(02's packed rows one example at a time, as its training attends them). Then the same steps again with
 one of the recipes' CPU speed-ups undone, to time what it saves (in seconds, and at equal matmul speed: the
 undone row's share of the reference against the recipe row's, as the rows run minutes apart and the machine's
 speed drifts in between): torch's dropout instead of FastDropout
-(both recipes), and for 02 the adapters in bf16, as TRL's SFTTrainer stores a quantized model's adapters
+(both recipes), every 4-bit weight de-quantized in each pass as bitsandbytes does it, instead of once
+for the whole training (`weights_dequantized_once`: both recipes, 01 in either dtype), and for 02 the adapters in bf16, as TRL's SFTTrainer stores a quantized model's adapters
 (the recipe puts them back in fp32 with `sft.keep_fp32_adapters`): what that costs where bf16 is emulated;
 02's vocabulary head over every position, TRL's choice on a CPU (the recipe trains inside
 `sft.loss_on_labelled_positions`, which projects the answers' positions alone); and 02's attention over
@@ -93,7 +95,7 @@ sys.path.insert(0, str(ROOT))
 from ftnb import attention, data, env  # noqa: E402
 from ftnb.dropout import FastDropout, use_fast_dropout  # noqa: E402
 from ftnb.models import (adapter_inputs_uncast, layers_in_compute_dtype, load_model, load_tokenizer,  # noqa: E402
-                         training_attention)
+                         training_attention, weights_dequantized_once)
 from ftnb.tasks import classify, sft  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -106,7 +108,8 @@ UNDONE = {"torch_dropout": "with torch's dropout",  # the speed-ups cost_of_undo
           "full_vocabulary_head": "with the vocabulary head over every position, the prompt's too",
           "fp32_layers": "with the embedding and the layers' norms in fp32, as prepare_model_for_kbit_training leaves them",
           "cast_adapter_inputs": "with peft casting every adapter's input to fp32 (it checks CUDA's autocast alone)",
-          "block_mask_attention": "with attention over each whole packed row under transformers' block mask"}
+          "block_mask_attention": "with attention over each whole packed row under transformers' block mask",
+          "dequantize_per_pass": "with every 4-bit weight de-quantized in each pass, forward and backward"}
 
 
 class StepTimer(TrainerCallback):
@@ -149,7 +152,8 @@ class ShapeRecorder:
         # else every token (01's classification head runs on every position, the pooling picks one)
         labels = batch.get("labels")
         scored = int((labels[:, 1:] != sft.IGNORE).sum()) if labels is not None and labels.dim() == 2 else sum(lengths)
-        self.batches.append({"rows": rows, "width": width, "lengths": lengths, "scored": scored})
+        self.batches.append({"rows": rows, "width": width, "lengths": lengths, "scored": scored,
+                             "packed": "position_ids" in batch})
         return batch
 
 
@@ -229,11 +233,13 @@ def lora_dropout_seconds(model, tokens: int, dropout: torch.nn.Module) -> float:
 
 
 def attention_seconds(model, rows: int, width: int, dtype: torch.dtype, implementation: str,
-                      backward: bool = True) -> float:
+                      backward: bool = True, packed: list[int] | None = None) -> float:
     """Per micro-batch of `rows` x `width` tokens: every decoder layer's attention, forward and (with
     `backward`) backward, in `dtype`, as transformers' `implementation` computes it ("sdpa": PyTorch's fused
     kernel, on a CPU flash attention; "eager": a matmul, a softmax in fp32, a matmul). Timed on the first
-    layer's module (every layer has the same shapes), one row half padding, under a causal mask."""
+    layer's module (every layer has the same shapes), one row half padding, under a causal mask; a `packed`
+    row (one row holding examples of these lengths) as training attends it, one example at a time
+    (`ftnb.attention.by_sequence`)."""
     from transformers.models.llama.modeling_llama import eager_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -244,26 +250,34 @@ def attention_seconds(model, rows: int, width: int, dtype: torch.dtype, implemen
     q = torch.randn(rows, config.num_attention_heads, width, head_dim, dtype=dtype, requires_grad=backward)
     k, v = (torch.randn(rows, config.num_key_value_heads, width, head_dim, dtype=dtype, requires_grad=backward)
             for _ in range(2))
-    keep = torch.ones(width, width, dtype=torch.bool).tril()[None, None].repeat(rows, 1, 1, 1)
-    keep[0, :, :, width // 2:] = False
-    mask = keep if implementation != "eager" else torch.zeros(keep.shape, dtype=dtype).masked_fill(
-        ~keep, torch.finfo(dtype).min)
+    extra = {}
+    if packed:
+        attend = ALL_ATTENTION_FUNCTIONS[attention.by_sequence(implementation)]
+        extra["position_ids"] = torch.cat([torch.arange(length) for length in packed])[None]
+        mask = None  # a packed row needs none: each example is attended causally on its own
+    else:
+        keep = torch.ones(width, width, dtype=torch.bool).tril()[None, None].repeat(rows, 1, 1, 1)
+        keep[0, :, :, width // 2:] = False
+        mask = keep if implementation != "eager" else torch.zeros(keep.shape, dtype=dtype).masked_fill(
+            ~keep, torch.finfo(dtype).min)
 
     def step():
         with torch.set_grad_enabled(backward):
-            out, _ = attend(layer, q, k, v, mask, scaling=head_dim ** -0.5, dropout=0.0)
+            out, _ = attend(layer, q, k, v, mask, scaling=head_dim ** -0.5, dropout=0.0, **extra)
         if backward:
             out.sum().backward()
     return _median_seconds(step, repeats=5) * config.num_hidden_layers
 
 
 def attention_seconds_per_step(model, batches: list[dict], steps: int, dtype: torch.dtype) -> dict[str, float]:
-    """The attention of the timed micro-batches (their own shapes), per optimizer step, with either
-    implementation (`attention_seconds`): what `ftnb.models.training_attention` chooses between; and,
-    for comparison, a forward pass alone over 16 rows of 512 tokens, as recipe 01 predicts on long tickets."""
-    shapes = Counter((b["rows"], b["width"]) for b in batches)
-    times = {implementation: sum(count * attention_seconds(model, rows, width, dtype, implementation)
-                                 for (rows, width), count in shapes.items()) / steps
+    """The attention of the timed micro-batches (their own shapes; packed rows one example at a time, as
+    `ftnb.models.training_attention` trains), per optimizer step, with either implementation
+    (`attention_seconds`): what `training_attention` chooses between; and, for comparison, a forward pass
+    alone over 16 rows of 512 tokens, as recipe 01 predicts on long tickets."""
+    shapes = Counter((b["rows"], b["width"], tuple(b["lengths"]) if b.get("packed") else None) for b in batches)
+    times = {implementation: sum(count * attention_seconds(model, rows, width, dtype, implementation,
+                                                           packed=list(lengths or ()))
+                                 for (rows, width, lengths), count in shapes.items()) / steps
              for implementation in ("sdpa", "eager")}
     times.update({f"{implementation}_forward_16x512": attention_seconds(model, 16, 512, dtype, implementation,
                                                                         backward=False)
@@ -303,12 +317,13 @@ def vocabulary_head_seconds_per_step(model, batches: list[dict], steps: int, dty
 
 def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
                            torch_dropout: bool = False, fp32_layers: bool = False, cast_adapter_inputs: bool = False,
-                           micro_batch: int = 4):
+                           dequantize_per_pass: bool = False, micro_batch: int = 4):
     """Recipe 01 at its cpu preset (notebook 01's training cells), limited to `steps` optimizer steps,
     computing in `dtype`, 16 tickets per step in passes of `micro_batch` (the preset: 4 x 4);
     `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout,
     `fp32_layers` leaves the embedding and the norms in the fp32 of prepare_model_for_kbit_training (in bf16),
-    `cast_adapter_inputs` trains without `adapter_inputs_uncast` (in bf16: peft's fp32 copies of the inputs)."""
+    `cast_adapter_inputs` trains without `adapter_inputs_uncast` (in bf16: peft's fp32 copies of the inputs),
+    `dequantize_per_pass` without `weights_dequantized_once` (bitsandbytes de-quantizing in every pass)."""
     ds = data.load("tickets", schema=data.Schema.of("subject", "body", "category"))
     labels = classify.labels_for("category", ds["train"], "tickets")
     id2label, label2id = classify.label_maps(labels)
@@ -328,19 +343,26 @@ def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, 
         save_strategy="no", report_to="none", disable_tqdm=True, seed=SEED)
     recorder = ShapeRecorder(DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16))
     trainer = classify.WeightedTrainer(model=model, args=args, train_dataset=train, data_collator=recorder)
-    uncast = contextlib.nullcontext if cast_adapter_inputs else functools.partial(adapter_inputs_uncast, model, dtype)
-    return trainer, recorder, (model.config.hidden_size, len(labels)), True, uncast
+    @contextlib.contextmanager
+    def training_context():
+        with contextlib.ExitStack() as stack:
+            if not cast_adapter_inputs:
+                stack.enter_context(adapter_inputs_uncast(model, dtype))
+            if not dequantize_per_pass:
+                stack.enter_context(weights_dequantized_once(model))
+            yield
+    return trainer, recorder, (model.config.hidden_size, len(labels)), True, training_context
 
 
 def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
                 torch_dropout: bool = False, trl_bf16_adapters: bool = False, full_vocabulary_head: bool = False,
-                block_mask_attention: bool = False):
+                block_mask_attention: bool = False, dequantize_per_pass: bool = False):
     """Recipe 02 at its cpu preset (notebook 02's training cells), limited to `steps` optimizer steps,
     computing in `dtype`; `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout,
     `trl_bf16_adapters` leaves the adapters in the bf16 TRL stores them in, `full_vocabulary_head` trains
     without `sft.loss_on_labelled_positions` (the vocabulary head over the prompt's positions too),
     `block_mask_attention` attends over each whole packed row as transformers does, instead of one example
-    at a time as `training_attention` has it."""
+    at a time as `training_attention` has it, `dequantize_per_pass` trains without `weights_dequantized_once`."""
     from trl import SFTConfig, SFTTrainer
 
     rows = data.subset(data.load("domains", schema=sft.SCHEMA)["train"], 360, SEED, stratify="domain")
@@ -367,6 +389,8 @@ def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torc
                 stack.enter_context(sft.loss_on_labelled_positions())
             if block_mask_attention:
                 stack.enter_context(_whole_rows(model))
+            if not dequantize_per_pass:
+                stack.enter_context(weights_dequantized_once(model))
             yield
     return trainer, recorder, (model.config.hidden_size, model.config.vocab_size), False, training_context
 
@@ -440,7 +464,6 @@ def saved_activation_mib(timed: Timed, rows: int, width: int, dtype: torch.dtype
     (every tensor autograd saves, each storage once, the weights excluded), computed in `dtype` inside what
     the recipe trains inside: what grows with the micro-batch, measured rather than read off the RSS."""
     model = timed.trainer.model
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
     def keep(tensor: torch.Tensor) -> torch.Tensor:
@@ -452,9 +475,11 @@ def saved_activation_mib(timed: Timed, rows: int, width: int, dtype: torch.dtype
     ids = torch.randint(1000, 20000, (rows, width))
     model.train()
     with (training_attention(model, dtype), timed.training_context(),
-          torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32),
-          torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor)):
-        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+          torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)):
+        # the weights, and their de-quantized copies (`weights_dequantized_once`): held once, whatever the pass
+        weights = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
     return sum(saved.values()) / 2**20
 
 
@@ -506,7 +531,6 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
         "vocabulary_head_s_per_step": vocabulary,  # 02: TRL's fused head, answers alone and every position
         "attention_s_per_step": attention_seconds_per_step(model, batches, steps, torch.float32),
         # what the share of the matmul limit would be with that cost gone (the same real FLOPs)
-        "fraction_real_without_nf4_overhead": fraction_real * step_s / (step_s - nf4_s),
         "fraction_real_without_lora_dropout": fraction_real * step_s / (step_s - dropout_s),
         "fraction_real_without_padding": fraction_real * tokens_executed / tokens_real,
     }
@@ -616,14 +640,14 @@ def main() -> None:
               f"({row['torch_lora_dropout_s_per_step']:.2f} s/step with torch's), "
               f"{vocabulary_line(row)}{attention_line(row)}")
         sft_only = ["trl_bf16_adapters", "full_vocabulary_head", "block_mask_attention"] if build is sft_trainer else []
-        undo_each(build, ["torch_dropout"] + sft_only, args.model, tokenizer, args.steps, row, torch.float32, f"{name},")
+        undo_each(build, ["torch_dropout", "dequantize_per_pass"] + sft_only, args.model, tokenizer, args.steps, row, torch.float32, f"{name},")
         if env.cpu_native_bf16():
             result["recipes_bf16"][name] = half = measure_bf16(build, args.model, tokenizer, args.steps, row)
             print(f"{name}, bf16: {half['seconds_per_step']:.2f} s/step ({half['speedup_over_fp32']:.2f}x fp32), "
                   f"{half['achieved_gflops_real']:.1f} GFLOP/s real: {half['fraction_of_fp32_matmul']:.2f} of the "
                   f"fp32 matmul limit ({half['matmul_fp32_gflops']:.1f} GFLOP/s), {half['fraction_of_bf16_matmul']:.2f} "
                   f"of the bf16 one ({half['matmul_bf16_gflops']:.1f}); {vocabulary_line(half)}{attention_line(half)}")
-            bf16_only = ["fp32_layers", "cast_adapter_inputs"] if build is classification_trainer else []
+            bf16_only = ["fp32_layers", "cast_adapter_inputs", "dequantize_per_pass"] if build is classification_trainer else []
             undo_each(build, bf16_only, args.model, tokenizer, args.steps, half, torch.bfloat16, f"{name}, bf16")
         if build is classification_trainer:  # the larger pass, in the dtype the cpu preset computes in here
             dtype = env.pick_dtype(cpu_bf16=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import importlib.util
 import os
 import shutil
@@ -48,6 +49,7 @@ SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HUB_TIMEOUT_S = 5.0  # how long the one hub check may take before we fall back to the offline copy
 # Heads stay in floating point: they are small, trained (classification) or tied to the embeddings.
 HEAD_MODULES = ["lm_head", "score", "classifier"]
+DEQUANTIZED = "dequantized_weight"  # a 4-bit layer's buffer inside weights_dequantized_once
 
 
 class UnknownModelError(ValueError):
@@ -511,6 +513,60 @@ def adapter_inputs_uncast(model: torch.nn.Module, compute_dtype: torch.dtype) ->
     finally:
         for layer, value in zip(layers, before):
             layer.cast_input_dtype_enabled = value
+
+
+@contextlib.contextmanager
+def weights_dequantized_once(model: torch.nn.Module, budget_mib: float = 1024.0) -> Iterator[float]:
+    """Train a 4-bit model on a CPU from its frozen weights de-quantized once, not again in every pass.
+
+    bitsandbytes keeps each frozen weight in 4 bits and de-quantizes it to the compute dtype whenever the
+    layer computes: in every forward pass, again for the input gradient of every backward pass, and once more
+    with gradient checkpointing. Recipe 01 does it 8 times per optimizer step (4 passes of 4 tickets). Inside
+    the block each 4-bit linear layer (bitsandbytes' `Linear4bit`) computes from a copy de-quantized at the
+    block's start, in its compute dtype: the same numbers bit for bit (bitsandbytes' CPU path de-quantizes and
+    multiplies in the same way; `tests/test_models.py`), for the memory of that copy, the weights' size in the
+    compute dtype (SmolLM2-135M: 202 MiB in bf16, 405 in fp32). 4 bits save a GPU's memory for larger models;
+    a small model on a CPU with the memory to spare trains faster from the copy. So it applies on a CPU where
+    the copy fits in `budget_mib`; elsewhere nothing changes. At the end the layers de-quantize per pass again
+    and the copy is freed. Yields the MiB the copy holds (0 where nothing changed).
+
+    Usage: with weights_dequantized_once(model) as held_mib: trainer.train()
+    """
+    import bitsandbytes as bnb
+
+    # a layer whose forward accelerate wraps (offloading) keeps its own: replacing it would drop the hook
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)
+              and module.weight.device.type == "cpu" and not hasattr(module, "_hf_hook")]
+    dtypes = [layer.compute_dtype or layer.weight.quant_state.dtype for layer in layers]
+    held_mib = sum(layer.weight.quant_state.shape.numel() * dtype.itemsize
+                   for layer, dtype in zip(layers, dtypes)) / 2**20
+    if held_mib > budget_mib:
+        layers = []
+    for layer, dtype in zip(layers, dtypes):
+        # a buffer, so that memory accounting sees the copy; not persistent: never saved with the model
+        layer.register_buffer(DEQUANTIZED, _dequantized(layer, dtype), persistent=False)
+        layer.forward = functools.partial(_forward_from_dequantized, layer)
+    try:
+        yield held_mib if layers else 0.0
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again: de-quantize per pass
+            delattr(layer, DEQUANTIZED)
+
+
+def _dequantized(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A bitsandbytes 4-bit layer's weight (out x in), de-quantized to `dtype`."""
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+
+
+def _forward_from_dequantized(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A 4-bit layer's forward from its de-quantized copy: the input and the bias (trainable or not) in the
+    copy's dtype, the output in the input's, as bitsandbytes computes it."""
+    weight = getattr(layer, DEQUANTIZED)
+    bias = None if layer.bias is None else layer.bias.to(weight.dtype)
+    return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
 def describe_registry() -> str:

@@ -343,3 +343,60 @@ def test_layers_in_compute_dtype_leaves_a_tied_head_alone(tiny_model_path):
     before = {name: p.dtype for name, p in model.named_parameters()}
     assert models.layers_in_compute_dtype(model, torch.bfloat16) == 0
     assert {name: p.dtype for name, p in model.named_parameters()} == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_dequantized_once_trains_bit_for_bit_as_bitsandbytes_then_gives_the_layers_back(
+        tiny_model_path, dtype, monkeypatch):
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    tok = load_tokenizer(tiny_model_path)
+    torch.manual_seed(0)
+    model = load_model(tiny_model_path, task="seq-cls", quantization="nf4", num_labels=3, tokenizer=tok, dtype=dtype)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_dropout=0.1, target_modules="all-linear",
+                                             modules_to_save=["score"]))
+    with torch.no_grad():  # adapters that contribute, so their path through the layers is compared too
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]])
+    batch = dict(input_ids=ids, attention_mask=(ids != 0).long(), labels=torch.tensor([0, 2]))
+    passes = []
+    de_quantizing = bnb.matmul_4bit
+    monkeypatch.setattr(bnb, "matmul_4bit", lambda *args, **kwargs: passes.append(1) or de_quantizing(*args, **kwargs))
+
+    def train_step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        passes.clear()
+        torch.manual_seed(1)  # the same dropout masks each time
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):  # as the Trainer computes
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable]
+
+    model.train()
+    loss, grads = train_step()
+    assert len(passes) == len(quantized) > 0  # bitsandbytes de-quantizes in every layer's pass
+    size_mib = sum(m.weight.quant_state.shape.numel() for m in quantized) * dtype.itemsize / 2**20
+    with models.weights_dequantized_once(model, budget_mib=size_mib / 2) as held:
+        assert held == 0.0 and not any("forward" in m.__dict__ for m in quantized)  # over the budget: unchanged
+    with models.weights_dequantized_once(model) as held:
+        assert held == pytest.approx(size_mib)
+        assert all(getattr(m, models.DEQUANTIZED).dtype == dtype for m in quantized)  # in the compute dtype
+        assert not any(models.DEQUANTIZED in key for key in model.state_dict())  # never saved
+        once_loss, once_grads = train_step()
+        assert passes == []  # no layer de-quantized in the pass
+    assert torch.equal(once_loss, loss) and all(torch.equal(a, b) for a, b in zip(once_grads, grads))  # bit for bit
+    assert not any("forward" in m.__dict__ or hasattr(m, models.DEQUANTIZED) for m in quantized)  # copy freed
+    again_loss, _ = train_step()
+    assert len(passes) == len(quantized) and torch.equal(again_loss, loss)  # per pass again, the same numbers
+
+
+def test_weights_dequantized_once_leaves_a_float_model_alone(tiny_model_path):
+    model = load_model(tiny_model_path, dtype=torch.float32)
+    with models.weights_dequantized_once(model) as held:
+        assert held == 0.0
