@@ -534,9 +534,11 @@ def weights_dequantized_once(model: torch.nn.Module, budget_mib: float = 1024.0)
     """
     import bitsandbytes as bnb
 
-    # a layer whose forward accelerate wraps (offloading) keeps its own: replacing it would drop the hook
+    # a layer whose forward accelerate wraps (offloading) keeps its own: replacing it would drop the hook; so
+    # does one bitsandbytes has repacked for its CPU inference kernel (keep_training_kernel prevents that)
     layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)
-              and module.weight.device.type == "cpu" and not hasattr(module, "_hf_hook")]
+              and module.weight.device.type == "cpu" and not hasattr(module, "_hf_hook")
+              and not getattr(module.weight.quant_state, "packing_format_for_cpu", False)]
     dtypes = [layer.compute_dtype or layer.weight.quant_state.dtype for layer in layers]
     held_mib = sum(layer.weight.quant_state.shape.numel() * dtype.itemsize
                    for layer, dtype in zip(layers, dtypes)) / 2**20
