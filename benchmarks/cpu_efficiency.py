@@ -423,24 +423,26 @@ class Timed:
         micro = self.trainer.args.gradient_accumulation_steps
         return [self.batches[k * micro:(k + 1) * micro] for k in range(len(self.seconds))]
 
-    def fraction(self, dtype: torch.dtype, real: bool = True) -> float:
+    def fraction(self, dtype: torch.dtype, real: bool = True, steps: list[int] | None = None) -> float:
         """The steps' matmul FLOPs at the `dtype` throughput measured after each step, in seconds, over
-        the steps' seconds."""
+        the steps' seconds; of the timed steps `steps` (their indices), by default all."""
         config = self.trainer.model.config
-        ideal = sum(training_flops(config, batches, self.head, self.head_trained, real) / rate
-                    for batches, rate in zip(self.step_batches, self.throughput[dtype]))
-        return ideal / sum(self.seconds)
+        chosen = range(len(self.seconds)) if steps is None else steps
+        ideal = sum(training_flops(config, self.step_batches[k], self.head, self.head_trained, real)
+                    / self.throughput[dtype][k] for k in chosen)
+        return ideal / sum(self.seconds[k] for k in chosen)
 
 
 def timed_steps(build, model_name: str, tokenizer, steps: int, dtype: torch.dtype,
-                reference_dtypes: tuple[torch.dtype, ...] = ()) -> Timed:
+                reference_dtypes: tuple[torch.dtype, ...] = (), callbacks: tuple[TrainerCallback, ...] = ()) -> Timed:
     """Train WARMUP_STEPS + steps optimizer steps computing in `dtype`, measuring the matmul throughput in
-    each of `reference_dtypes` after every step."""
+    each of `reference_dtypes` after every step; `callbacks` run after the step timer's, outside its window."""
     with tempfile.TemporaryDirectory() as folder:
         trainer, recorder, head, head_trained, training_context = build(model_name, tokenizer, WARMUP_STEPS + steps,
                                                                          folder, dtype)
         timer = StepTimer(trainer.model.config, head, recorder, reference_dtypes)
-        trainer.add_callback(timer)
+        for callback in (timer, *callbacks):
+            trainer.add_callback(callback)
         # as the notebooks train: 01 with "eager" attention and its adapters' inputs uncast on a CPU in bf16,
         # 02 scoring the answers alone
         with training_attention(trainer.model, dtype), training_context():

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 
 import cpu_efficiency as bench
 from ftnb import env
-from ftnb.models import load_tokenizer, training_attention, weights_dequantized_once
+from ftnb.models import load_tokenizer, weights_dequantized_once
 
 ARMS = ("per_pass", "once")
 
@@ -46,51 +46,44 @@ class AlternateDequantization(TrainerCallback):
     """Enters or leaves `weights_dequantized_once` between optimizer steps as `arm_of` orders them (added
     after the StepTimer, so outside its timed window); records the arm of each step."""
 
-    def __init__(self, model):
-        self.model, self.held, self.arms = model, None, []
+    def __init__(self):
+        self.held, self.arms = None, []
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.arms.append(ARMS[self.held is not None])
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
         following = arm_of(len(self.arms))
         if following == "once" and self.held is None:
             self.held = contextlib.ExitStack()
-            self.held.enter_context(weights_dequantized_once(self.model))
+            self.held.enter_context(weights_dequantized_once(model))
         elif following == "per_pass" and self.held is not None:
+            self.close()
+
+    def close(self) -> None:
+        if self.held is not None:
             self.held.close()
             self.held = None
 
 
 def alternate(build, model_name: str, tokenizer, steps: int, dtype: torch.dtype) -> dict:
     """`steps` timed optimizer steps (after cpu_efficiency's warm-up), the arms alternating."""
-    with tempfile.TemporaryDirectory() as folder:
-        trainer, recorder, head, head_trained, training_context = build(
-            model_name, tokenizer, bench.WARMUP_STEPS + steps, folder, dtype, dequantize_per_pass=True)
-        timer = bench.StepTimer(trainer.model.config, head, recorder, (torch.float32,))
-        switch = AlternateDequantization(trainer.model)
-        trainer.add_callback(timer)
-        trainer.add_callback(switch)
-        with training_attention(trainer.model, dtype), training_context():
-            trainer.train()
-        if switch.held is not None:
-            switch.held.close()
-    micro = trainer.args.gradient_accumulation_steps
-    per_step = [recorder.batches[k * micro:(k + 1) * micro] for k in range(len(timer.seconds))]
-    rows = {arm: {"steps": 0, "seconds": 0.0, "ideal_seconds": 0.0} for arm in ARMS}
-    for k in range(bench.WARMUP_STEPS, len(timer.seconds)):
-        row = rows[switch.arms[k]]
-        row["steps"] += 1
-        row["seconds"] += timer.seconds[k]
-        row["ideal_seconds"] += bench.training_flops(trainer.model.config, per_step[k], head, head_trained,
-                                                     real=True) / timer.throughput[torch.float32][k]
-    out = {arm: {"timed_steps": row["steps"], "seconds_per_step": row["seconds"] / row["steps"],
-                 "fraction_of_fp32_matmul": row["ideal_seconds"] / row["seconds"]} for arm, row in rows.items()}
+    switch = AlternateDequantization()
+    timed = bench.timed_steps(functools.partial(build, dequantize_per_pass=True), model_name, tokenizer, steps, dtype,
+                              (torch.float32,), callbacks=(switch,))
+    switch.close()
+    arms = switch.arms[bench.WARMUP_STEPS:]
+    out = {}
+    for arm in ARMS:
+        chosen = [k for k, step_arm in enumerate(arms) if step_arm == arm]
+        out[arm] = {"timed_steps": len(chosen),
+                    "seconds_per_step": sum(timed.seconds[k] for k in chosen) / len(chosen),
+                    "fraction_of_fp32_matmul": timed.fraction(torch.float32, steps=chosen)}
     out["per_pass_over_once"] = out["per_pass"]["seconds_per_step"] / out["once"]["seconds_per_step"]
     out["per_pass_over_once_at_equal_matmul_speed"] = (out["once"]["fraction_of_fp32_matmul"]
                                                        / out["per_pass"]["fraction_of_fp32_matmul"])
-    out["step_arms"] = switch.arms[bench.WARMUP_STEPS:]
-    out["step_seconds"] = timer.seconds[bench.WARMUP_STEPS:]
+    out["step_arms"] = arms
+    out["step_seconds"] = timed.seconds
     return out
 
 

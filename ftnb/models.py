@@ -534,6 +534,8 @@ def weights_dequantized_once(model: torch.nn.Module, budget_mib: float = 1024.0)
     """
     import bitsandbytes as bnb
 
+    from ftnb.lora.dora import dequantized_weight  # here: ftnb.lora imports this module
+
     # a layer whose forward accelerate wraps (offloading) keeps its own: replacing it would drop the hook; so
     # does one bitsandbytes has repacked for its CPU inference kernel (keep_training_kernel prevents that)
     layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)
@@ -546,7 +548,7 @@ def weights_dequantized_once(model: torch.nn.Module, budget_mib: float = 1024.0)
         layers = []
     for layer, dtype in zip(layers, dtypes):
         # a buffer, so that memory accounting sees the copy; not persistent: never saved with the model
-        layer.register_buffer(DEQUANTIZED, _dequantized(layer, dtype), persistent=False)
+        layer.register_buffer(DEQUANTIZED, dequantized_weight(layer).to(dtype), persistent=False)
         layer.forward = functools.partial(_forward_from_dequantized, layer)
     try:
         yield held_mib if layers else 0.0
@@ -554,13 +556,6 @@ def weights_dequantized_once(model: torch.nn.Module, budget_mib: float = 1024.0)
         for layer in layers:
             del layer.forward  # the class's forward again: de-quantize per pass
             delattr(layer, DEQUANTIZED)
-
-
-def _dequantized(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """A bitsandbytes 4-bit layer's weight (out x in), de-quantized to `dtype`."""
-    import bitsandbytes.functional as bnb_functional
-
-    return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
 
 
 def _forward_from_dequantized(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
