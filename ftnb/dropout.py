@@ -45,6 +45,13 @@ def _scale_in(dtype: torch.dtype, p: float) -> float:
     return torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).to(dtype).item()
 
 
+def _keep_and_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """x * keep * scale. The mask is converted through uint8: torch converts a CPU bool tensor to a float
+    type one element at a time, uint8 with vector instructions (a tenth of the time; the same numbers), and
+    multiplying by the bool directly converts it the slow way (about 13% of a bf16 training step of recipe 01)."""
+    return x.mul(keep.view(torch.uint8).to(x.dtype)).mul_(scale)
+
+
 class _KeepAndScale(torch.autograd.Function):
     """x * keep * scale, saving only the bool `keep` for the backward pass (the gradient is the same product)."""
 
@@ -52,12 +59,12 @@ class _KeepAndScale(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x.mul(keep).mul_(scale)
+        return _keep_and_scale(x, keep, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None, None
+        return _keep_and_scale(grad, keep, ctx.scale), None, None
 
 
 class FastDropout(nn.Dropout):
