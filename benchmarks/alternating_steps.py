@@ -137,8 +137,7 @@ def main() -> None:
     result = {"command": " ".join(["flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/alternating_steps.py",
                                    *sys.argv[1:]]),
               "measured": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
-              "machine": {"cpu_model": bench.cpu_model(), "cpus": os.cpu_count(),
-                          "cpu_bf16_instructions": env.cpu_native_bf16(), "torch": torch.__version__},
+              "machine": bench.machine(),
               "comparisons": {}}
     recipes = [("01_ticket_classification", bench.classification_trainer, env.pick_dtype(cpu_bf16=True)),
                ("02_domain_generation", bench.sft_trainer, torch.float32)]

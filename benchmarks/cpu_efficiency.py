@@ -609,6 +609,13 @@ def cpu_model() -> str | None:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
+def machine() -> dict:
+    """What the timings depend on: the CPU, its bf16 instructions, the threads and the library versions."""
+    return {"processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+            "cpu_bf16_instructions": env.cpu_native_bf16(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "bitsandbytes": bnb.__version__}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per recipe")
@@ -622,10 +629,7 @@ def main() -> None:
     result = {
         "command": " ".join(["flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py", *sys.argv[1:]]),
         "measured": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
-                    "cpu_bf16_instructions": env.cpu_native_bf16(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "bitsandbytes": bnb.__version__},
+        "machine": machine(),
         "model": f"{args.model}, NF4 + double quant, LoRA r=16 all-linear, fp32 compute (recipes_bf16: bf16)"
                  + (" (offline: SmolLM2 de-quantized from Q4_1)" if args.model == MODEL else ""),
         "recipes": {},
