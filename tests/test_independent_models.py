@@ -3,8 +3,8 @@
 MiniLM's classification head and LoRA matrices are drawn from torch's random generator when the
 model is built, after QLoRA has trained and drawn its own dropout masks. Unless the notebook seeds
 again first, the baseline's score would move whenever a QLoRA setting changes how many numbers QLoRA
-draws (the layers it adapts, its passes per step, its learning rate): a baseline that should stay put
-while the model it is compared with is tuned.
+draws (the layers it adapts, its passes per step): a baseline that should stay put while the model it
+is compared with is tuned.
 """
 from pathlib import Path
 
