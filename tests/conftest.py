@@ -30,6 +30,30 @@ _share_the_cores_between_workers()
 
 
 @pytest.fixture(scope="session")
+def smoke_metrics():
+    """Run a notebook's smoke preset with `parameters` into `output_dir` and return its metrics.json; a
+    failing cell fails the test with the cell's error (no traceback of the runner itself).
+
+    Usage: metrics = smoke_metrics("01_ticket_classification.ipynb", {"model": "tiny-llama-test"}, tmp_path)
+    """
+    from pathlib import Path
+
+    from ftnb.runner import NotebookFailed, run_notebook
+
+    notebooks = Path(__file__).parent.parent / "notebooks"
+
+    def run(notebook: str, parameters: dict, output_dir: Path) -> dict:
+        try:
+            result = run_notebook(notebooks / notebook, "smoke", parameters, output_dir=output_dir, progress=False,
+                                  cell_timeout=600)
+        except NotebookFailed as e:
+            pytest.fail(str(e), pytrace=False)
+        return result.metrics
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def tiny_model_path() -> str:
     from ftnb.models import resolve
 

@@ -10,24 +10,12 @@ import ast
 import math
 from pathlib import Path
 
-import pytest
-
 from ftnb.data import read_labels
-from ftnb.runner import NotebookFailed, run_notebook
 from ftnb.tasks.formats import read_formats
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 FAST = {"model": "tiny-llama-test"}  # the data path is under test here, not the model
-
-
-def _run(notebook: str, parameters: dict, tmp_path: Path) -> dict:
-    try:
-        result = run_notebook(ROOT / "notebooks" / notebook, "smoke", {**FAST, **parameters},
-                              output_dir=tmp_path / "run", progress=False, cell_timeout=600)
-    except NotebookFailed as e:
-        pytest.fail(str(e), pytrace=False)
-    return result.metrics
 
 
 def _code_strings(path: Path) -> set[str]:
@@ -51,12 +39,12 @@ def test_the_package_holds_no_recipe_knowledge():
     assert not {path: words for path, words in found.items() if words}
 
 
-def test_classification_on_intents_with_other_fields_and_labels(tmp_path):
+def test_classification_on_intents_with_other_fields_and_labels(smoke_metrics, tmp_path):
     """01 on restaurant-chat intents: field `text` instead of subject/body, label field `intent`,
     four labels whose order and definitions come from the folder's labels.json."""
-    metrics = _run("01_ticket_classification.ipynb", {
+    metrics = smoke_metrics("01_ticket_classification.ipynb", {**FAST,
         "data_dir": str(FIXTURES / "byod_intents"), "text_fields": ["text"], "label_field": "intent",
-        "max_length": 24, "zero_shot_limit": 4, "encoder_epochs": 1}, tmp_path)
+        "max_length": 24, "zero_shot_limit": 4, "encoder_epochs": 1}, tmp_path / "run")
     labels = ["greet", "book_table", "cancel_booking", "opening_hours"]  # labels.json order, not sorted
     assert metrics["label_field"] == "intent" and metrics["labels"] == labels
     assert metrics["n"] == {"train": 16, "validation": 4, "test": 4, "zero_shot": 4}
@@ -69,12 +57,12 @@ def test_classification_on_intents_with_other_fields_and_labels(tmp_path):
             assert math.isfinite(row[key]) and 0 <= row[key] <= 1, (method, key, row[key])
 
 
-def test_generation_on_other_domains_without_a_house_format(tmp_path):
+def test_generation_on_other_domains_without_a_house_format(smoke_metrics, tmp_path):
     """02 on cooking and gardening answers, a folder with no formats.json: format adherence is not
     applicable (null, never 0), while perplexity and ROUGE-L are measured for each domain."""
-    metrics = _run("02_domain_generation.ipynb", {
+    metrics = smoke_metrics("02_domain_generation.ipynb", {**FAST,
         "data_dir": str(FIXTURES / "byod_answers"), "train_limit": 4, "test_limit": 2, "eval_limit": 2,
-        "max_new_tokens": 6, "max_length": 128}, tmp_path)
+        "max_new_tokens": 6, "max_length": 128}, tmp_path / "run")
     assert metrics["domains"] == ["cooking", "gardening"] and metrics["house_format_domains"] == []
     for stage in ("base", "tuned"):
         assert set(metrics[stage]) == {"cooking", "gardening", "all"}, stage
