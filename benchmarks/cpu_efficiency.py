@@ -9,9 +9,9 @@ counted from the model's shapes, would take at the throughput measured right aft
 the steps' time, is the share of the machine's matmul speed training gets. Measured after every step
 because this machine's speed drifts by up to a third within a process: a reference taken once, minutes
 away from the steps, moved the share by as much.
-Both recipes run without gradient checkpointing here. Recipe 02's cpu preset turns it on to stay under
-4 GB of memory: the forward pass computed again in the backward is extra work this share does not count
-as useful (the preset's own run gives its cost in time).
+Each recipe runs as its cpu preset does with gradient checkpointing: 01 without, 02 with (to stay under 4 GB of
+memory). The decoder layers' forward pass that checkpointing computes again in the backward is work the share
+does not count as useful ("real"); "as executed" counts it. 02 runs once more without checkpointing, to time it.
 
 FLOPs of one training step, per token unless said otherwise (frozen weights need no weight gradient):
   frozen linear W (in x out):   forward 2*in*out, input gradient dX = dY W: 2*in*out
@@ -47,7 +47,7 @@ each whole packed row under transformers' block mask (`training_attention` atten
 `ftnb.attention.by_sequence`).
 
 On a CPU with bf16 instructions (AVX512-BF16, AMX) the same steps run once more computing in bf16
-(notebook 01's `cpu_bf16`), against the bf16 matmul throughput of the same shapes and against the fp32 one.
+(the `cpu_bf16` of notebooks 01 and 02, on in their `cpu` presets), against the bf16 matmul throughput of the same shapes and against the fp32 one.
 01 computes there with its embedding and its layers' norms back in bf16 (`ftnb.models.layers_in_compute_dtype`,
 as notebook 01 does; 02's head is its embedding, which the helper leaves alone), timed once more without;
 and 01 trains inside `ftnb.models.adapter_inputs_uncast`, as notebook 01 does (peft copies every adapter's
@@ -61,7 +61,7 @@ preset computes in here, the same steps run once more in passes of 8 tickets x 2
 same 16 tickets per step), and in each dtype the activations one pass keeps for its backward pass are
 counted at 4 and at 8 tickets of 128 tokens (autograd's saved tensors; the longest batch comes first).
 
-Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py   # ~12 min on 2 cores
+Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py   # 20-25 min on 2 cores at --steps 8
        (prints the breakdown and writes benchmarks/cpu_efficiency.json; --steps N: timed steps per recipe)
 """
 from __future__ import annotations
@@ -109,7 +109,8 @@ UNDONE = {"torch_dropout": "with torch's dropout",  # the speed-ups cost_of_undo
           "fp32_layers": "with the embedding and the layers' norms in fp32, as prepare_model_for_kbit_training leaves them",
           "cast_adapter_inputs": "with peft casting every adapter's input to fp32 (it checks CUDA's autocast alone)",
           "block_mask_attention": "with attention over each whole packed row under transformers' block mask",
-          "dequantize_per_pass": "with every 4-bit weight de-quantized in each pass, forward and backward"}
+          "dequantize_per_pass": "with every 4-bit weight de-quantized in each pass, forward and backward",
+          "no_gradient_checkpointing": "without gradient checkpointing (more memory: every activation kept)"}
 
 
 class StepTimer(TrainerCallback):
@@ -164,13 +165,16 @@ def layer_shapes(config) -> list[tuple[int, int]]:
     return [(h, q), (h, kv), (h, kv), (q, h), (h, m), (h, m), (m, h)]
 
 
-def training_flops(config, batches: list[dict], head: tuple[int, int], head_trained: bool, real: bool) -> float:
-    """Matmul FLOPs of training on these micro-batches (module docstring), real or as executed."""
+def training_flops(config, batches: list[dict], head: tuple[int, int], head_trained: bool, real: bool,
+                   recomputed: bool = False) -> float:
+    """Matmul FLOPs of training on these micro-batches (module docstring), real or as executed; as executed
+    with `recomputed` (gradient checkpointing), the decoder layers' forward pass counts twice."""
     shapes = layer_shapes(config)
-    per_token = config.num_hidden_layers * (4 * sum(i * o for i, o in shapes)  # frozen: forward + dX
-                                            + 6 * LORA["r"] * sum(i + o for i, o in shapes))  # adapter: + dW
+    passes = 3 if recomputed and not real else 2  # of the frozen weights: forward (+ its recompute) + dX
+    per_token = config.num_hidden_layers * (passes * 2 * sum(i * o for i, o in shapes)
+                                            + (passes + 1) * 2 * LORA["r"] * sum(i + o for i, o in shapes))  # adapter: + dW
     per_position = (6 if head_trained else 4) * head[0] * head[1]  # the output head
-    attention = 3 * 2 * 2 * config.num_attention_heads * config.head_dim * config.num_hidden_layers  # per (query, key)
+    attention = (passes + 1) * 2 * 2 * config.num_attention_heads * config.head_dim * config.num_hidden_layers  # per (query, key)
     total = 0.0
     for b in batches:
         spans = b["lengths"] if real else [b["width"]] * b["rows"]
@@ -356,26 +360,28 @@ def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, 
 
 def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
                 torch_dropout: bool = False, trl_bf16_adapters: bool = False, full_vocabulary_head: bool = False,
-                block_mask_attention: bool = False, dequantize_per_pass: bool = False):
+                block_mask_attention: bool = False, dequantize_per_pass: bool = False,
+                no_gradient_checkpointing: bool = False):
     """Recipe 02 at its cpu preset (notebook 02's training cells), limited to `steps` optimizer steps,
     computing in `dtype`; `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout,
     `trl_bf16_adapters` leaves the adapters in the bf16 TRL stores them in, `full_vocabulary_head` trains
     without `sft.loss_on_labelled_positions` (the vocabulary head over the prompt's positions too),
     `block_mask_attention` attends over each whole packed row as transformers does, instead of one example
-    at a time as `training_attention` has it, `dequantize_per_pass` trains without `weights_dequantized_once`."""
+    at a time as `training_attention` has it, `dequantize_per_pass` trains without `weights_dequantized_once`,
+    `no_gradient_checkpointing` keeps every activation instead of computing the forward pass again."""
     from trl import SFTConfig, SFTTrainer
 
     rows = data.subset(data.load("domains", schema=sft.SCHEMA)["train"], 360, SEED, stratify="domain")
     train, _ = sft.build_sft_dataset(rows, tokenizer, max_length=384)
     model = load_model(model_name, quantization="nf4", double_quant=True, dtype=dtype)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=not no_gradient_checkpointing)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
     if not torch_dropout:
         use_fast_dropout(model)
     args = SFTConfig(
         output_dir=folder, max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=1,
         learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, max_length=384, packing=True,
-        completion_only_loss=True, gradient_checkpointing=False, **env.precision_flags(dtype),
+        completion_only_loss=True, gradient_checkpointing=not no_gradient_checkpointing, **env.precision_flags(dtype),
         save_strategy="no", report_to="none", disable_tqdm=True, seed=SEED)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     if not trl_bf16_adapters:
@@ -428,8 +434,8 @@ class Timed:
         the steps' seconds; of the timed steps `steps` (their indices), by default all."""
         config = self.trainer.model.config
         chosen = range(len(self.seconds)) if steps is None else steps
-        ideal = sum(training_flops(config, self.step_batches[k], self.head, self.head_trained, real)
-                    / self.throughput[dtype][k] for k in chosen)
+        ideal = sum(training_flops(config, self.step_batches[k], self.head, self.head_trained, real,
+                                   self.trainer.args.gradient_checkpointing) / self.throughput[dtype][k] for k in chosen)
         return ideal / sum(self.seconds[k] for k in chosen)
 
 
@@ -509,7 +515,8 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
                                                      timed.head_trained)
     model, micro = trainer.model, trainer.args.gradient_accumulation_steps
     config = model.config
-    real, executed = (training_flops(config, batches, head, head_trained, real=r) for r in (True, False))
+    real, executed = (training_flops(config, batches, head, head_trained, r, trainer.args.gradient_checkpointing)
+                      for r in (True, False))
     tokens_real, tokens_executed, tokens_per_micro = token_counts(batches)
     matmul, fraction_real = statistics.mean(timed.throughput[torch.float32]), timed.fraction(torch.float32)
     nf4_s = nf4_overhead_seconds(model, tokens_per_micro) * len(batches) / steps
@@ -565,7 +572,7 @@ def undo_each(build, speed_ups: list[str], model_name: str, tokenizer, steps: in
 
 
 def measure_bf16(build, model_name: str, tokenizer, steps: int, fp32: dict) -> dict:
-    """The same steps computing in bf16 (a CPU with bf16 instructions: notebook 01's cpu_bf16), against
+    """The same steps computing in bf16 (a CPU with bf16 instructions: the cpu_bf16 of notebooks 01 and 02), against
     the bf16 and the fp32 matmul throughput of the same shapes measured after each step, and the speed-up
     over the fp32 row."""
     timed = timed_steps(build, model_name, tokenizer, steps, torch.bfloat16, (torch.float32, torch.bfloat16))
@@ -645,7 +652,8 @@ def main() -> None:
               f"{row['nf4_overhead_share']:.0%} of a step, LoRA dropout {row['lora_dropout_share']:.0%} "
               f"({row['torch_lora_dropout_s_per_step']:.2f} s/step with torch's), "
               f"{vocabulary_line(row)}{attention_line(row)}")
-        sft_only = ["trl_bf16_adapters", "full_vocabulary_head", "block_mask_attention"] if build is sft_trainer else []
+        sft_only = (["trl_bf16_adapters", "full_vocabulary_head", "block_mask_attention", "no_gradient_checkpointing"]
+                    if build is sft_trainer else [])
         undo_each(build, ["torch_dropout", "dequantize_per_pass"] + sft_only, args.model, tokenizer, args.steps, row, torch.float32, f"{name},")
         if env.cpu_native_bf16():
             result["recipes_bf16"][name] = half = measure_bf16(build, args.model, tokenizer, args.steps, row)
@@ -653,7 +661,8 @@ def main() -> None:
                   f"{half['achieved_gflops_real']:.1f} GFLOP/s real: {half['fraction_of_fp32_matmul']:.2f} of the "
                   f"fp32 matmul limit ({half['matmul_fp32_gflops']:.1f} GFLOP/s), {half['fraction_of_bf16_matmul']:.2f} "
                   f"of the bf16 one ({half['matmul_bf16_gflops']:.1f}); {vocabulary_line(half)}{attention_line(half)}")
-            bf16_only = ["fp32_layers", "cast_adapter_inputs", "dequantize_per_pass"] if build is classification_trainer else []
+            bf16_only = (["fp32_layers", "cast_adapter_inputs", "dequantize_per_pass"] if build is classification_trainer
+                         else ["no_gradient_checkpointing"])
             undo_each(build, bf16_only, args.model, tokenizer, args.steps, half, torch.bfloat16, f"{name}, bf16")
         if build is classification_trainer:  # the larger pass, in the dtype the cpu preset computes in here
             dtype = env.pick_dtype(cpu_bf16=True)

@@ -65,6 +65,7 @@ def _tickets(m: dict) -> None:
 def _domains(m: dict) -> None:
     assert m["train_examples"] > 0 and m["domains"]
     assert _finite(m["perplexity_base"], m["perplexity_tuned"]) and m["perplexity_base"] > 1
+    assert m["eval_loss_curve"] and all(_finite(row["eval_loss"]) and row["step"] >= 1 for row in m["eval_loss_curve"])
     assert _finite(m["merge_max_logit_diff"])
     assert m["merge_fp32_adapter_max_logit_diff"] <= 1e-3  # the merge adds the update faithfully (float rounding)
     for stage in ("base", "tuned"):  # Wilson intervals per domain with a house format, and overall
