@@ -81,7 +81,7 @@ class Calibration:
     # median 10% (the checkpointed runs 11-20%); `fits()` adds it to the allocated bytes.
     cuda_fragmentation: float = 0.10
     # RSS of Python with torch, transformers, peft and bitsandbytes imported, before any model:
-    # measured 497 MiB on the 2-core development machine (171 MiB of it shared libraries).
+    # measured 497 MiB on a 2-core CPU machine (171 MiB of it shared libraries).
     cpu_process_baseline_bytes: int = 500 * MIB
     # glibc serves tensors below its mmap threshold (which grows to 32 MiB after the first large
     # free) from heaps it does not return to the OS between steps, and freed holes are only partly
