@@ -9,9 +9,11 @@ counted from the model's shapes, would take at the throughput measured right aft
 the steps' time, is the share of the machine's matmul speed training gets. Measured after every step
 because this machine's speed drifts by up to a third within a process: a reference taken once, minutes
 away from the steps, moved the share by as much.
-Each recipe runs as its cpu preset does with gradient checkpointing: 01 without, 02 with (to stay under 4 GB of
-memory). The decoder layers' forward pass that checkpointing computes again in the backward is work the share
-does not count as useful ("real"); "as executed" counts it. 02 runs once more without checkpointing, to time it.
+Each recipe runs as its cpu preset does with gradient checkpointing: 01 without, 02 with it (to stay under 4 GB of
+memory), on every decoder layer in fp32 and on one in 2 in bf16 (its preset's `checkpoint_every_n_layers` 0:
+CHECKPOINT_EVERY_N_LAYERS). The forward pass that checkpointing computes again in the backward is work the share
+does not count as useful ("real"); "as executed" counts it, for the layers recomputed. 02 runs once more
+without checkpointing, and in bf16 with every layer checkpointed, to time both.
 
 FLOPs of one training step, per token unless said otherwise (frozen weights need no weight gradient):
   frozen linear W (in x out):   forward 2*in*out, input gradient dX = dY W: 2*in*out
@@ -61,7 +63,7 @@ preset computes in here, the same steps run once more in passes of 8 tickets x 2
 same 16 tickets per step), and in each dtype the activations one pass keeps for its backward pass are
 counted at 4 and at 8 tickets of 128 tokens (autograd's saved tensors; the longest batch comes first).
 
-Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py   # 20-25 min on 2 cores at --steps 8
+Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py   # 20-27 min on 2 cores at --steps 8
        (prints the breakdown and writes benchmarks/cpu_efficiency.json; --steps N: timed steps per recipe)
 """
 from __future__ import annotations
@@ -94,14 +96,16 @@ sys.path.insert(0, str(ROOT))
 
 from ftnb import attention, data, env  # noqa: E402
 from ftnb.dropout import FastDropout, use_fast_dropout  # noqa: E402
-from ftnb.models import (adapter_inputs_uncast, layers_in_compute_dtype, load_model, load_tokenizer,  # noqa: E402
-                         training_attention, weights_dequantized_once)
+from ftnb.models import (adapter_inputs_uncast, checkpointed_layers, layers_in_compute_dtype, load_model,  # noqa: E402
+                         load_tokenizer, training_attention, weights_dequantized_once)
 from ftnb.tasks import classify, sft  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 WARMUP_STEPS = 2  # the first steps pay for allocation and, grouped by length, hold the longest batch
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")  # 01's and 02's settings
 SEED = 0
+# 02's cpu preset (checkpoint_every_n_layers 0): gradient checkpointing recomputes one decoder layer in N
+CHECKPOINT_EVERY_N_LAYERS = {torch.float32: 1, torch.bfloat16: 2}
 MICRO_BATCHES = (4, 8)  # 01's tickets per pass: the preset's, and the larger pass its notebook weighs against memory
 UNDONE = {"torch_dropout": "with torch's dropout",  # the speed-ups cost_of_undoing times
           "trl_bf16_adapters": "with the adapters in bf16 as TRL stores them",
@@ -110,6 +114,7 @@ UNDONE = {"torch_dropout": "with torch's dropout",  # the speed-ups cost_of_undo
           "cast_adapter_inputs": "with peft casting every adapter's input to fp32 (it checks CUDA's autocast alone)",
           "block_mask_attention": "with attention over each whole packed row under transformers' block mask",
           "dequantize_per_pass": "with every 4-bit weight de-quantized in each pass, forward and backward",
+          "every_layer_checkpointed": "with every decoder layer checkpointed (less memory: each recomputed)",
           "no_gradient_checkpointing": "without gradient checkpointing (more memory: every activation kept)"}
 
 
@@ -166,11 +171,11 @@ def layer_shapes(config) -> list[tuple[int, int]]:
 
 
 def training_flops(config, batches: list[dict], head: tuple[int, int], head_trained: bool, real: bool,
-                   recomputed: bool = False) -> float:
-    """Matmul FLOPs of training on these micro-batches (module docstring), real or as executed; as executed
-    with `recomputed` (gradient checkpointing), the decoder layers' forward pass counts twice."""
+                   recomputed: float = 0.0) -> float:
+    """Matmul FLOPs of training on these micro-batches (module docstring), real or as executed; as executed,
+    the forward pass of the share `recomputed` of the decoder layers (gradient checkpointing) counts twice."""
     shapes = layer_shapes(config)
-    passes = 3 if recomputed and not real else 2  # of the frozen weights: forward (+ its recompute) + dX
+    passes = 2 + (0 if real else recomputed)  # of the frozen weights: forward (+ its recompute) + dX
     per_token = config.num_hidden_layers * (passes * 2 * sum(i * o for i, o in shapes)
                                             + (passes + 1) * 2 * LORA["r"] * sum(i + o for i, o in shapes))  # adapter: + dW
     per_position = (6 if head_trained else 4) * head[0] * head[1]  # the output head
@@ -361,14 +366,15 @@ def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, 
 def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
                 torch_dropout: bool = False, trl_bf16_adapters: bool = False, full_vocabulary_head: bool = False,
                 block_mask_attention: bool = False, dequantize_per_pass: bool = False,
-                no_gradient_checkpointing: bool = False):
+                every_layer_checkpointed: bool = False, no_gradient_checkpointing: bool = False):
     """Recipe 02 at its cpu preset (notebook 02's training cells), limited to `steps` optimizer steps,
     computing in `dtype`; `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout,
     `trl_bf16_adapters` leaves the adapters in the bf16 TRL stores them in, `full_vocabulary_head` trains
     without `sft.loss_on_labelled_positions` (the vocabulary head over the prompt's positions too),
     `block_mask_attention` attends over each whole packed row as transformers does, instead of one example
     at a time as `training_attention` has it, `dequantize_per_pass` trains without `weights_dequantized_once`,
-    `no_gradient_checkpointing` keeps every activation instead of computing the forward pass again."""
+    `every_layer_checkpointed` recomputes every decoder layer's forward pass in the backward (not one in
+    CHECKPOINT_EVERY_N_LAYERS[dtype]), `no_gradient_checkpointing` none: every activation kept."""
     from trl import SFTConfig, SFTTrainer
 
     rows = data.subset(data.load("domains", schema=sft.SCHEMA)["train"], 360, SEED, stratify="domain")
@@ -381,7 +387,9 @@ def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torc
     args = SFTConfig(
         output_dir=folder, max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=1,
         learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, max_length=384, packing=True,
-        completion_only_loss=True, gradient_checkpointing=not no_gradient_checkpointing, **env.precision_flags(dtype),
+        completion_only_loss=True, gradient_checkpointing=not no_gradient_checkpointing,
+        gradient_checkpointing_kwargs={"every_n_layers": 1 if every_layer_checkpointed else CHECKPOINT_EVERY_N_LAYERS[dtype]},
+        **env.precision_flags(dtype),
         save_strategy="no", report_to="none", disable_tqdm=True, seed=SEED)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     if not trl_bf16_adapters:
@@ -429,13 +437,19 @@ class Timed:
         micro = self.trainer.args.gradient_accumulation_steps
         return [self.batches[k * micro:(k + 1) * micro] for k in range(len(self.seconds))]
 
+    @property
+    def recomputed(self) -> float:
+        """The share of the decoder layers whose forward pass gradient checkpointing ran twice."""
+        layers, total = checkpointed_layers(self.trainer.model)
+        return layers / total
+
     def fraction(self, dtype: torch.dtype, real: bool = True, steps: list[int] | None = None) -> float:
         """The steps' matmul FLOPs at the `dtype` throughput measured after each step, in seconds, over
         the steps' seconds; of the timed steps `steps` (their indices), by default all."""
         config = self.trainer.model.config
         chosen = range(len(self.seconds)) if steps is None else steps
         ideal = sum(training_flops(config, self.step_batches[k], self.head, self.head_trained, real,
-                                   self.trainer.args.gradient_checkpointing) / self.throughput[dtype][k] for k in chosen)
+                                   self.recomputed) / self.throughput[dtype][k] for k in chosen)
         return ideal / sum(self.seconds[k] for k in chosen)
 
 
@@ -515,8 +529,7 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
                                                      timed.head_trained)
     model, micro = trainer.model, trainer.args.gradient_accumulation_steps
     config = model.config
-    real, executed = (training_flops(config, batches, head, head_trained, r, trainer.args.gradient_checkpointing)
-                      for r in (True, False))
+    real, executed = (training_flops(config, batches, head, head_trained, r, timed.recomputed) for r in (True, False))
     tokens_real, tokens_executed, tokens_per_micro = token_counts(batches)
     matmul, fraction_real = statistics.mean(timed.throughput[torch.float32]), timed.fraction(torch.float32)
     nf4_s = nf4_overhead_seconds(model, tokens_per_micro) * len(batches) / steps
@@ -662,7 +675,7 @@ def main() -> None:
                   f"fp32 matmul limit ({half['matmul_fp32_gflops']:.1f} GFLOP/s), {half['fraction_of_bf16_matmul']:.2f} "
                   f"of the bf16 one ({half['matmul_bf16_gflops']:.1f}); {vocabulary_line(half)}{attention_line(half)}")
             bf16_only = (["fp32_layers", "cast_adapter_inputs", "dequantize_per_pass"] if build is classification_trainer
-                         else ["no_gradient_checkpointing"])
+                         else ["every_layer_checkpointed", "no_gradient_checkpointing"])
             undo_each(build, bf16_only, args.model, tokenizer, args.steps, half, torch.bfloat16, f"{name}, bf16")
         if build is classification_trainer:  # the larger pass, in the dtype the cpu preset computes in here
             dtype = env.pick_dtype(cpu_bf16=True)

@@ -436,6 +436,19 @@ def without_peft(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def checkpointed_layers(model: torch.nn.Module) -> tuple[int, int]:
+    """How many decoder layers recompute their forward pass in backward, out of how many: what gradient
+    checkpointing set on `model` (a Trainer sets it when training starts; with `every_n_layers` N in its
+    `gradient_checkpointing_kwargs`, one layer in N). Read it after `trainer.train()`.
+
+    Usage: recomputed, layers = checkpointed_layers(trainer.model)
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    return sum(bool(layer.gradient_checkpointing) for layer in layers), len(layers)
+
+
 def plain_forward(model: torch.nn.Module) -> torch.nn.Module:
     """`model` with the forward it had before a Trainer trained it (the same object, returned for chaining).
     A Trainer with bf16 or fp16 wraps the model's forward in autocast and leaves it wrapped after training:

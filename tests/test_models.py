@@ -400,3 +400,15 @@ def test_weights_dequantized_once_leaves_a_float_model_alone(tiny_model_path):
     model = load_model(tiny_model_path, dtype=torch.float32)
     with models.weights_dequantized_once(model) as held:
         assert held == 0.0
+
+
+def test_checkpointed_layers_counts_what_checkpointing_set_through_a_peft_wrapper(tiny_model_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_model(tiny_model_path), LoraConfig(r=2, target_modules="all-linear"))
+    layers = model.config.num_hidden_layers
+    assert models.checkpointed_layers(model) == (0, layers)
+    model.activation_checkpointing_enable(every_n_layers=2)  # what a Trainer does with {"every_n_layers": 2}
+    assert models.checkpointed_layers(model) == ((layers + 1) // 2, layers)
+    model.activation_checkpointing_enable()
+    assert models.checkpointed_layers(model) == (layers, layers)

@@ -84,6 +84,9 @@ def _domains(m: dict) -> None:
         assert ood[stage]["all"]["perplexity_low"] <= ood[stage]["all"]["perplexity"] <= ood[stage]["all"]["perplexity_high"]
     assert 0 < ood["format_adherence_tuned_vs_base"]["p_value"] <= 1
     assert m["packing"]["real_tokens"] <= m["packing"]["plain_padded_tokens"] and m["adapter_mb"] > 0
+    layers = m["checkpointed_layers"]  # the smoke preset's checkpoint_every_n_layers 0: by the compute dtype
+    every_n = 1 if layers["compute_dtype"] == "float32" else 2
+    assert layers["every_n_layers"] == every_n and layers["recomputed"] == math.ceil(layers["of"] / every_n) > 0
 
 
 def _quantization(m: dict) -> None:
