@@ -10,8 +10,8 @@ the steps' time, is the share of the machine's matmul speed training gets. Measu
 because this machine's speed drifts by up to a third within a process: a reference taken once, minutes
 away from the steps, moved the share by as much.
 Each recipe runs as its cpu preset does with gradient checkpointing: 01 without, 02 with it (to stay under 4 GB of
-memory), on every decoder layer in fp32 and on one in 2 in bf16 (its preset's `checkpoint_every_n_layers` 0:
-CHECKPOINT_EVERY_N_LAYERS). The forward pass that checkpointing computes again in the backward is work the share
+memory), on every decoder layer in fp32 and on one in 2 in bf16 (its preset's `checkpoint_every_n_layers` 0,
+`ftnb.models.every_n_layers_for`). The forward pass that checkpointing computes again in the backward is work the share
 does not count as useful ("real"); "as executed" counts it, for the layers recomputed. 02 runs once more
 without checkpointing, and in bf16 with every layer checkpointed, to time both.
 
@@ -96,16 +96,16 @@ sys.path.insert(0, str(ROOT))
 
 from ftnb import attention, data, env  # noqa: E402
 from ftnb.dropout import FastDropout, use_fast_dropout  # noqa: E402
-from ftnb.models import (adapter_inputs_uncast, checkpointed_layers, layers_in_compute_dtype, load_model,  # noqa: E402
-                         load_tokenizer, training_attention, weights_dequantized_once)
+from ftnb.models import (adapter_inputs_uncast, checkpointed_layers, every_n_layers_for,  # noqa: E402
+                         layers_in_compute_dtype, load_model, load_tokenizer, training_attention,
+                         weights_dequantized_once)
 from ftnb.tasks import classify, sft  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 WARMUP_STEPS = 2  # the first steps pay for allocation and, grouped by length, hold the longest batch
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")  # 01's and 02's settings
 SEED = 0
-# 02's cpu preset (checkpoint_every_n_layers 0): gradient checkpointing recomputes one decoder layer in N
-CHECKPOINT_EVERY_N_LAYERS = {torch.float32: 1, torch.bfloat16: 2}
+CHECKPOINT_EVERY_N_LAYERS = 0  # 02's cpu preset: one decoder layer in N recomputed, N chosen by the compute dtype
 MICRO_BATCHES = (4, 8)  # 01's tickets per pass: the preset's, and the larger pass its notebook weighs against memory
 UNDONE = {"torch_dropout": "with torch's dropout",  # the speed-ups cost_of_undoing times
           "trl_bf16_adapters": "with the adapters in bf16 as TRL stores them",
@@ -374,7 +374,7 @@ def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torc
     `block_mask_attention` attends over each whole packed row as transformers does, instead of one example
     at a time as `training_attention` has it, `dequantize_per_pass` trains without `weights_dequantized_once`,
     `every_layer_checkpointed` recomputes every decoder layer's forward pass in the backward (not one in
-    CHECKPOINT_EVERY_N_LAYERS[dtype]), `no_gradient_checkpointing` none: every activation kept."""
+    CHECKPOINT_EVERY_N_LAYERS, the preset's, would), `no_gradient_checkpointing` none: every activation kept."""
     from trl import SFTConfig, SFTTrainer
 
     rows = data.subset(data.load("domains", schema=sft.SCHEMA)["train"], 360, SEED, stratify="domain")
@@ -388,7 +388,8 @@ def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torc
         output_dir=folder, max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=1,
         learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, max_length=384, packing=True,
         completion_only_loss=True, gradient_checkpointing=not no_gradient_checkpointing,
-        gradient_checkpointing_kwargs={"every_n_layers": 1 if every_layer_checkpointed else CHECKPOINT_EVERY_N_LAYERS[dtype]},
+        gradient_checkpointing_kwargs={
+            "every_n_layers": every_n_layers_for(1 if every_layer_checkpointed else CHECKPOINT_EVERY_N_LAYERS, dtype)},
         **env.precision_flags(dtype),
         save_strategy="no", report_to="none", disable_tqdm=True, seed=SEED)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
@@ -448,8 +449,9 @@ class Timed:
         the steps' seconds; of the timed steps `steps` (their indices), by default all."""
         config = self.trainer.model.config
         chosen = range(len(self.seconds)) if steps is None else steps
-        ideal = sum(training_flops(config, self.step_batches[k], self.head, self.head_trained, real,
-                                   self.recomputed) / self.throughput[dtype][k] for k in chosen)
+        recomputed = self.recomputed
+        ideal = sum(training_flops(config, self.step_batches[k], self.head, self.head_trained, real, recomputed)
+                    / self.throughput[dtype][k] for k in chosen)
         return ideal / sum(self.seconds[k] for k in chosen)
 
 

@@ -449,6 +449,20 @@ def checkpointed_layers(model: torch.nn.Module) -> tuple[int, int]:
     return sum(bool(layer.gradient_checkpointing) for layer in layers), len(layers)
 
 
+def every_n_layers_for(requested: int, compute_dtype: torch.dtype) -> int:
+    """The `every_n_layers` to give gradient checkpointing (one decoder layer in N recomputed, the others
+    keeping their activations): `requested` when it is 1 or more; for 0, 2 when computing in bf16 or fp16 and
+    1 in fp32, whose activations take twice the bytes. Measured on recipe 02's cpu preset (notebook 02,
+    section 4): one layer in 2 peaked at 3.5 GB in bf16 and would pass 4 GB in fp32. Raises ValueError below 0.
+
+    Usage: SFTConfig(..., gradient_checkpointing_kwargs={"every_n_layers": every_n_layers_for(0, torch.bfloat16)})
+    """
+    if requested < 0:
+        raise ValueError(f"checkpoint_every_n_layers={requested}: use N >= 1 (one decoder layer in N recomputed) "
+                         "or 0 (chosen by the compute dtype)")
+    return requested or (1 if compute_dtype == torch.float32 else 2)
+
+
 def plain_forward(model: torch.nn.Module) -> torch.nn.Module:
     """`model` with the forward it had before a Trainer trained it (the same object, returned for chaining).
     A Trainer with bf16 or fp16 wraps the model's forward in autocast and leaves it wrapped after training:

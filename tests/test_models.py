@@ -412,3 +412,11 @@ def test_checkpointed_layers_counts_what_checkpointing_set_through_a_peft_wrappe
     assert models.checkpointed_layers(model) == ((layers + 1) // 2, layers)
     model.activation_checkpointing_enable()
     assert models.checkpointed_layers(model) == (layers, layers)
+
+
+def test_every_n_layers_for_chooses_by_compute_dtype_at_zero_and_refuses_negatives():
+    assert models.every_n_layers_for(0, torch.bfloat16) == models.every_n_layers_for(0, torch.float16) == 2
+    assert models.every_n_layers_for(0, torch.float32) == 1
+    assert models.every_n_layers_for(3, torch.bfloat16) == models.every_n_layers_for(3, torch.float32) == 3
+    with pytest.raises(ValueError, match="checkpoint_every_n_layers=-1: use N >= 1"):
+        models.every_n_layers_for(-1, torch.float32)
