@@ -490,13 +490,27 @@ def test_repetition_penalty_spares_the_prompt(tok):
     assert "logits_processor" not in sft.decoding_kwargs(tok, 3)  # 1.0: plain greedy
 
 
+def test_repetition_penalty_can_spare_line_breaks(tok):
+    newline, word = tok("\n", add_special_tokens=False)["input_ids"][0], tok("Fix", add_special_tokens=False)["input_ids"][0]
+    assert newline in sft.line_break_ids(tok) and word not in sft.line_break_ids(tok)
+    assert all(tok.decode([i]).strip() == "" and "\n" in tok.decode([i]) for i in sft.line_break_ids(tok))
+    answer = torch.tensor([[5, 6, 7, word, newline]])  # 5, 6, 7: the prompt
+    for spares, newline_score in ((True, 1.0), (False, 0.5)):
+        penalty = sft.decoding_kwargs(tok, prompt_width=3, repetition_penalty=2.0,
+                                      penalty_spares_line_breaks=spares)["logits_processor"][0]
+        scores = penalty(answer, torch.ones(1, len(tok)))
+        assert scores[0, word] == pytest.approx(0.5)  # a word the answer used: penalised either way
+        assert scores[0, newline] == pytest.approx(newline_score)
+        assert torch.all(scores[0, [5, 6, 7]] == 1.0)
+
+
 def test_saved_decoding_settings_are_the_generator_defaults(adapter_dir, tok, tmp_path):
     sft.save_generator(saved.load_model(adapter_dir), tok, tmp_path / "a", base_model="tiny-llama-test",
-                       decoding={"max_new_tokens": 6, "repetition_penalty": 1.3})
+                       decoding={"max_new_tokens": 6, "repetition_penalty": 1.3, "penalty_spares_line_breaks": True})
     generator = saved.load(tmp_path / "a")
-    assert generator.decoding == {"max_new_tokens": 6, "repetition_penalty": 1.3}
+    assert generator.decoding == {"max_new_tokens": 6, "repetition_penalty": 1.3, "penalty_spares_line_breaks": True}
     row = ROWS[0]
     assert generator.generate(row["instruction"], row["input"]) == generator.generate(
-        row["instruction"], row["input"], max_new_tokens=6, repetition_penalty=1.3)
+        row["instruction"], row["input"], max_new_tokens=6, repetition_penalty=1.3, penalty_spares_line_breaks=True)
     merged = saved.load(sft.export_merged(tmp_path / "a", tmp_path / "merged"))
     assert merged.decoding == generator.decoding  # the export keeps them
