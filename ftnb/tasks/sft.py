@@ -356,10 +356,11 @@ class AnswerRepetitionPenalty(RepetitionPenaltyLogitsProcessor):
         self.spared = torch.tensor(sorted(spared), dtype=torch.long)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        spared = self.spared.to(scores.device)
-        kept = scores[:, spared].clone()
+        if self.spared.device != scores.device:  # moved once, not at every decoding step
+            self.spared = self.spared.to(scores.device)
+        kept = scores[:, self.spared].clone()
         scores = super().__call__(input_ids, scores)
-        scores[:, spared] = kept
+        scores[:, self.spared] = kept
         return scores
 
 
