@@ -1,9 +1,10 @@
 """How close CPU training of recipes 01 and 02 runs to the machine's matrix-multiplication limit.
 
 In one process: a few training steps of each recipe at its cpu-preset settings (NF4 SmolLM2 +
-LoRA r=16 on every linear layer, fp32 compute; 01: classification head, 4 tickets x 4 accumulated,
-max_length 128, grouped by length, padded to a multiple of 16 tokens; 02: TRL SFT, packed and padding-free, 2 rows per step,
-max_length 384, loss on the answers), and after each step, outside its timed window, a plain fp32 matrix
+LoRA r=16 on every linear layer, fp32 compute; 01: classification head, adapters' dropout 0.05, 4 tickets x 4
+accumulated, max_length 128, grouped by length, padded to a multiple of 16 tokens; 02: TRL SFT, no adapter dropout,
+packed and padding-free, 2 rows per step, max_length 384, loss on the answers), and after each step, outside its
+timed window, a plain fp32 matrix
 multiplication of the model's own layer shapes at the same token count. The matmul time the steps' FLOPs,
 counted from the model's shapes, would take at the throughput measured right after each step, divided by
 the steps' time, is the share of the machine's matmul speed training gets. Measured after every step
@@ -13,7 +14,8 @@ Each recipe runs as its cpu preset does with gradient checkpointing: 01 without,
 memory), on every decoder layer in fp32 and on one in 2 in bf16 (its preset's `checkpoint_every_n_layers` 0,
 `ftnb.models.every_n_layers_for`). The forward pass that checkpointing computes again in the backward is work the share
 does not count as useful ("real"); "as executed" counts it, for the layers recomputed. 02 runs once more
-without checkpointing, and in bf16 with every layer checkpointed, to time both.
+without checkpointing, and in bf16 with every layer checkpointed, to time both (and in either dtype with the
+adapters' dropout its preset leaves out, below).
 
 FLOPs of one training step, per token unless said otherwise (frozen weights need no weight gradient):
   frozen linear W (in x out):   forward 2*in*out, input gradient dX = dY W: 2*in*out
@@ -31,16 +33,17 @@ counted: their time is part of what keeps the share below 1.
 Also measured at the same token count: the extra time of the NF4 layers over fp32 matmuls of
 the same shapes (bitsandbytes de-quantizes each weight in the forward pass and again for the
 input gradient: what the recipes, which train inside `ftnb.models.weights_dequantized_once`, no longer pay
-in training), the adapters' dropout (`lora_dropout` 0.05: a fresh random mask over every adapted
-layer's input in every forward pass; the recipes draw it with `ftnb.dropout.FastDropout`, timed here
+in training), 01's adapter dropout (`lora_dropout` 0.05: a fresh random mask over every adapted
+layer's input in every forward pass; the recipe draws it with `ftnb.dropout.FastDropout`, timed here
 beside torch's own), 02's loss (TRL's fused vocabulary head, forward and backward, over the answers'
 positions and over every position), and the attention, forward and
 backward, with transformers' "sdpa" (on a CPU PyTorch's flash kernel) and "eager" implementations
 (02's packed rows one example at a time, as its training attends them). Then the same steps again with
 one of the recipes' CPU speed-ups undone, to time what it saves (in seconds, and at equal matmul speed: the
 undone row's share of the reference against the recipe row's, as the rows run minutes apart and the machine's
-speed drifts in between): torch's dropout instead of FastDropout
-(both recipes), every 4-bit weight de-quantized in each pass as bitsandbytes does it, instead of once
+speed drifts in between): torch's dropout instead of FastDropout (01); for 02 the adapters' dropout at all
+(0.05, the notebook's default, which its cpu preset leaves out: its validation loss is the same without); every
+4-bit weight de-quantized in each pass as bitsandbytes does it, instead of once
 for the whole training (`weights_dequantized_once`: both recipes, 01 in either dtype), and for 02 the adapters in bf16, as TRL's SFTTrainer stores a quantized model's adapters
 (the recipe puts them back in fp32 with `sft.keep_fp32_adapters`): what that costs where bf16 is emulated;
 02's vocabulary head over every position, TRL's choice on a CPU (the recipe trains inside
@@ -103,11 +106,13 @@ from ftnb.tasks import classify, sft  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 WARMUP_STEPS = 2  # the first steps pay for allocation and, grouped by length, hold the longest batch
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")  # 01's and 02's settings
+LORA = dict(r=16, lora_alpha=32, target_modules="all-linear")  # 01's and 02's adapters
+LORA_DROPOUT = 0.05  # 01's cpu preset and both notebooks' default; 02's cpu preset trains without (sft_trainer)
 SEED = 0
 CHECKPOINT_EVERY_N_LAYERS = 0  # 02's cpu preset: one decoder layer in N recomputed, N chosen by the compute dtype
 MICRO_BATCHES = (4, 8)  # 01's tickets per pass: the preset's, and the larger pass its notebook weighs against memory
 UNDONE = {"torch_dropout": "with torch's dropout",  # the speed-ups cost_of_undoing times
+          "adapter_dropout": f"with the adapters' dropout ({LORA_DROPOUT}, FastDropout's masks), the notebook's default",
           "trl_bf16_adapters": "with the adapters in bf16 as TRL stores them",
           "full_vocabulary_head": "with the vocabulary head over every position, the prompt's too",
           "fp32_layers": "with the embedding and the layers' norms in fp32, as prepare_model_for_kbit_training leaves them",
@@ -341,7 +346,8 @@ def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if not fp32_layers:
         layers_in_compute_dtype(model, dtype)  # bf16 only
-    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **LORA))
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], lora_dropout=LORA_DROPOUT,
+                                             **LORA))
     if not torch_dropout:
         use_fast_dropout(model)
     train = classify.tokenize_split(ds["train"], tokenizer, "category", labels, max_length=128)
@@ -364,12 +370,13 @@ def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, 
 
 
 def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
-                torch_dropout: bool = False, trl_bf16_adapters: bool = False, full_vocabulary_head: bool = False,
+                adapter_dropout: bool = False, trl_bf16_adapters: bool = False, full_vocabulary_head: bool = False,
                 block_mask_attention: bool = False, dequantize_per_pass: bool = False,
                 every_layer_checkpointed: bool = False, no_gradient_checkpointing: bool = False):
     """Recipe 02 at its cpu preset (notebook 02's training cells), limited to `steps` optimizer steps,
-    computing in `dtype`; `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout,
-    `trl_bf16_adapters` leaves the adapters in the bf16 TRL stores them in, `full_vocabulary_head` trains
+    computing in `dtype`, without the adapters' dropout as the preset trains; `adapter_dropout` trains with it
+    (LORA_DROPOUT, masks drawn by FastDropout as the notebook does with its default), `trl_bf16_adapters` leaves
+    the adapters in the bf16 TRL stores them in, `full_vocabulary_head` trains
     without `sft.loss_on_labelled_positions` (the vocabulary head over the prompt's positions too),
     `block_mask_attention` attends over each whole packed row as transformers does, instead of one example
     at a time as `training_attention` has it, `dequantize_per_pass` trains without `weights_dequantized_once`,
@@ -381,9 +388,9 @@ def sft_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torc
     train, _ = sft.build_sft_dataset(rows, tokenizer, max_length=384)
     model = load_model(model_name, quantization="nf4", double_quant=True, dtype=dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=not no_gradient_checkpointing)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
-    if not torch_dropout:
-        use_fast_dropout(model)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", lora_dropout=LORA_DROPOUT if adapter_dropout else 0.0,
+                                             **LORA))
+    use_fast_dropout(model)
     args = SFTConfig(
         output_dir=folder, max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=1,
         learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, max_length=384, packing=True,
@@ -535,8 +542,9 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
     tokens_real, tokens_executed, tokens_per_micro = token_counts(batches)
     matmul, fraction_real = statistics.mean(timed.throughput[torch.float32]), timed.fraction(torch.float32)
     nf4_s = nf4_overhead_seconds(model, tokens_per_micro) * len(batches) / steps
-    dropout_s, torch_dropout_s = (lora_dropout_seconds(model, tokens_per_micro, layer) * len(batches) / steps
-                                  for layer in (FastDropout(LORA["lora_dropout"]), torch.nn.Dropout(LORA["lora_dropout"])))
+    rate = model.peft_config["default"].lora_dropout  # 0 in 02: peft's identity in place of a dropout, nothing to time
+    dropout_s, torch_dropout_s = ((lora_dropout_seconds(model, tokens_per_micro, layer) * len(batches) / steps if rate
+                                   else 0.0) for layer in (FastDropout(rate), torch.nn.Dropout(rate)))
     vocabulary = vocabulary_head_seconds_per_step(model, batches, steps, torch.float32) if not head_trained else None
     step_s = seconds / steps
     out = {
@@ -550,7 +558,7 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
         "matmul_fp32_gflops_range": [min(timed.throughput[torch.float32]) / 1e9, max(timed.throughput[torch.float32]) / 1e9],
         "fraction_real": fraction_real, "fraction_executed": timed.fraction(torch.float32, real=False),
         "nf4_overhead_s_per_step": nf4_s, "nf4_overhead_share": nf4_s / step_s,
-        "lora_dropout_s_per_step": dropout_s, "lora_dropout_share": dropout_s / step_s,
+        "lora_dropout": rate, "lora_dropout_s_per_step": dropout_s, "lora_dropout_share": dropout_s / step_s,
         "torch_lora_dropout_s_per_step": torch_dropout_s,  # the same masks drawn by torch's nn.Dropout
         "vocabulary_head_s_per_step": vocabulary,  # 02: TRL's fused head, answers alone and every position
         "attention_s_per_step": attention_seconds_per_step(model, batches, steps, torch.float32),
@@ -615,6 +623,14 @@ def vocabulary_line(row: dict) -> str:
                                  f"{times['every_position']:.2f} over every position; ")
 
 
+def dropout_line(row: dict) -> str:
+    """The adapters' dropout masks' share of a step (FastDropout) and their time with torch's, or their absence."""
+    if not row["lora_dropout"]:
+        return "no LoRA dropout; "
+    return (f"LoRA dropout {row['lora_dropout_share']:.0%} "
+            f"({row['torch_lora_dropout_s_per_step']:.2f} s/step with torch's), ")
+
+
 def attention_line(row: dict) -> str:
     """The attention's time per step with either implementation, for the printed summary."""
     times = row["attention_s_per_step"]
@@ -664,12 +680,12 @@ def main() -> None:
               f"({row['achieved_gflops_executed']:.1f} as executed), fp32 matmul {row['matmul_fp32_gflops']:.1f} GFLOP/s "
               f"({'-'.join(f'{g:.0f}' for g in row['matmul_fp32_gflops_range'])} over the steps): share "
               f"{row['fraction_real']:.2f} ({row['fraction_executed']:.2f}); NF4 overhead "
-              f"{row['nf4_overhead_share']:.0%} of a step, LoRA dropout {row['lora_dropout_share']:.0%} "
-              f"({row['torch_lora_dropout_s_per_step']:.2f} s/step with torch's), "
+              f"{row['nf4_overhead_share']:.0%} of a step, {dropout_line(row)}"
               f"{vocabulary_line(row)}{attention_line(row)}")
         sft_only = (["trl_bf16_adapters", "full_vocabulary_head", "block_mask_attention", "no_gradient_checkpointing"]
                     if build is sft_trainer else [])
-        undo_each(build, ["torch_dropout", "dequantize_per_pass"] + sft_only, args.model, tokenizer, args.steps, row, torch.float32, f"{name},")
+        dropout = ["torch_dropout"] if build is classification_trainer else ["adapter_dropout"]
+        undo_each(build, dropout + ["dequantize_per_pass"] + sft_only, args.model, tokenizer, args.steps, row, torch.float32, f"{name},")
         if env.cpu_native_bf16():
             result["recipes_bf16"][name] = half = measure_bf16(build, args.model, tokenizer, args.steps, row)
             print(f"{name}, bf16: {half['seconds_per_step']:.2f} s/step ({half['speedup_over_fp32']:.2f}x fp32), "
@@ -677,7 +693,7 @@ def main() -> None:
                   f"fp32 matmul limit ({half['matmul_fp32_gflops']:.1f} GFLOP/s), {half['fraction_of_bf16_matmul']:.2f} "
                   f"of the bf16 one ({half['matmul_bf16_gflops']:.1f}); {vocabulary_line(half)}{attention_line(half)}")
             bf16_only = (["fp32_layers", "cast_adapter_inputs", "dequantize_per_pass"] if build is classification_trainer
-                         else ["every_layer_checkpointed", "no_gradient_checkpointing"])
+                         else ["adapter_dropout", "every_layer_checkpointed", "no_gradient_checkpointing"])
             undo_each(build, bf16_only, args.model, tokenizer, args.steps, half, torch.bfloat16, f"{name}, bf16")
         if build is classification_trainer:  # the larger pass, in the dtype the cpu preset computes in here
             dtype = env.pick_dtype(cpu_bf16=True)
