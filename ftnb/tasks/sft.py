@@ -358,7 +358,7 @@ class AnswerRepetitionPenalty(RepetitionPenaltyLogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.spared.device != scores.device:  # moved once, not at every decoding step
             self.spared = self.spared.to(scores.device)
-        kept = scores[:, self.spared].clone()
+        kept = scores[:, self.spared]  # indexing by a tensor of ids copies: the penalty cannot change it
         scores = super().__call__(input_ids, scores)
         scores[:, self.spared] = kept
         return scores
