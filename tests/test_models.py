@@ -420,3 +420,12 @@ def test_every_n_layers_for_chooses_by_compute_dtype_at_zero_and_refuses_negativ
     assert models.every_n_layers_for(3, torch.bfloat16) == models.every_n_layers_for(3, torch.float32) == 3
     with pytest.raises(ValueError, match="checkpoint_every_n_layers=-1: use N >= 1"):
         models.every_n_layers_for(-1, torch.float32)
+
+
+def test_passes_for_splits_fp32_passes_and_keeps_the_examples_per_step():
+    assert models.passes_for(8, 2, 4, torch.float32) == (4, 4)
+    assert models.passes_for(8, 2, 4, torch.bfloat16) == (8, 2)  # half precision keeps the larger pass
+    assert models.passes_for(8, 2, 0, torch.float32) == (8, 2)  # 0: off
+    assert models.passes_for(4, 4, 8, torch.float32) == (4, 4)  # never a larger pass than asked
+    with pytest.raises(ValueError, match="must divide batch_size=8"):
+        models.passes_for(8, 2, 3, torch.float32)

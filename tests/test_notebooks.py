@@ -117,6 +117,8 @@ def _memory_lab(m: dict) -> None:
     baseline = next(r["measured_mib"] for r in m["sweep"] if r["baseline"])
     assert m["noise_mib"] >= max(0.05 * baseline, abs(m["baseline_repeat_mib"] - baseline))  # measured twice
     assert all(lever["beyond noise"] == (lever["measured saving (MiB)"] > m["noise_mib"]) for lever in m["levers"])
+    assert all(lever["predicted beyond noise"] == (lever["predicted saving (MiB)"] > m["noise_mib"])
+               for lever in m["levers"])
     assert set(m["float_params_by_dtype"]["after_preparing"]) == {"float32"}  # peft's cast for k-bit training, printed
 
 
