@@ -1,8 +1,8 @@
 """How close CPU training of recipes 01 and 02 runs to the machine's matrix-multiplication limit.
 
 In one process: a few training steps of each recipe at its cpu-preset settings (NF4 SmolLM2 +
-LoRA r=16 on every linear layer, fp32 compute; 01: classification head, adapters' dropout 0.05, 4 tickets x 4
-accumulated, max_length 128, grouped by length, padded to a multiple of 16 tokens; 02: TRL SFT, no adapter dropout,
+LoRA r=16 on every linear layer, fp32 compute; 01: classification head, no adapter dropout, 16 tickets per step in
+passes of 4 (8 in bf16: `ftnb.models.passes_for`), max_length 128, grouped by length, padded to a multiple of 16 tokens; 02: TRL SFT, no adapter dropout,
 packed and padding-free, 2 rows per step, max_length 384, loss on the answers), and after each step, outside its
 timed window, a plain fp32 matrix
 multiplication of the model's own layer shapes at the same token count. The matmul time the steps' FLOPs,
@@ -33,16 +33,16 @@ counted: their time is part of what keeps the share below 1.
 Also measured at the same token count: the extra time of the NF4 layers over fp32 matmuls of
 the same shapes (bitsandbytes de-quantizes each weight in the forward pass and again for the
 input gradient: what the recipes, which train inside `ftnb.models.weights_dequantized_once`, no longer pay
-in training), 01's adapter dropout (`lora_dropout` 0.05: a fresh random mask over every adapted
-layer's input in every forward pass; the recipe draws it with `ftnb.dropout.FastDropout`, timed here
-beside torch's own), 02's loss (TRL's fused vocabulary head, forward and backward, over the answers'
+in training), the adapters' dropout masks where a recipe has them (`lora_dropout`: a fresh random mask over every
+adapted layer's input in every forward pass, drawn by `ftnb.dropout.FastDropout` and timed beside torch's own;
+both cpu presets now train without), 02's loss (TRL's fused vocabulary head, forward and backward, over the answers'
 positions and over every position), and the attention, forward and
 backward, with transformers' "sdpa" (on a CPU PyTorch's flash kernel) and "eager" implementations
 (02's packed rows one example at a time, as its training attends them). Then the same steps again with
 one of the recipes' CPU speed-ups undone, to time what it saves (in seconds, and at equal matmul speed: the
 undone row's share of the reference against the recipe row's, as the rows run minutes apart and the machine's
-speed drifts in between): torch's dropout instead of FastDropout (01); for 02 the adapters' dropout at all
-(0.05, the notebook's default, which its cpu preset leaves out: its validation loss is the same without); every
+speed drifts in between): the adapters' dropout at all (0.05 with FastDropout's masks, both notebooks' default,
+which their cpu presets leave out: 02's validation loss is the same without, 01's macro-F1 within a run's noise); every
 4-bit weight de-quantized in each pass as bitsandbytes does it, instead of once
 for the whole training (`weights_dequantized_once`: both recipes, 01 in either dtype), and for 02 the adapters in bf16, as TRL's SFTTrainer stores a quantized model's adapters
 (the recipe puts them back in fp32 with `sft.keep_fp32_adapters`): what that costs where bf16 is emulated;
@@ -62,9 +62,10 @@ model's own ("sdpa"), and packed rows (02's) one example at a time; both kernels
 `ftnb.tasks.sft.loss_on_labelled_positions` too, as its notebook does.
 
 Fewer, larger passes run faster on a CPU and keep more activations alive. For 01, in the dtype its cpu
-preset computes in here, the same steps run once more in passes of 8 tickets x 2 (the preset: 4 x 4, the
-same 16 tickets per step), and in each dtype the activations one pass keeps for its backward pass are
-counted at 4 and at 8 tickets of 128 tokens (autograd's saved tensors; the longest batch comes first).
+preset computes in here, the same steps run once more in passes of the other size (8 tickets x 2 in bf16, the
+preset's there, against the 4 x 4 it takes in fp32, where passes of 8 pass 4 GB; the same 16 tickets per step),
+and in each dtype the activations one pass keeps for its backward pass are counted at 4 and at 8 tickets of
+128 tokens (autograd's saved tensors; the longest batch comes first).
 
 Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/cpu_efficiency.py   # 20-27 min on 2 cores at --steps 8
        (prints the breakdown and writes benchmarks/cpu_efficiency.json; --steps N: timed steps per recipe)
@@ -100,19 +101,18 @@ sys.path.insert(0, str(ROOT))
 from ftnb import attention, data, env  # noqa: E402
 from ftnb.dropout import FastDropout, use_fast_dropout  # noqa: E402
 from ftnb.models import (adapter_inputs_uncast, checkpointed_layers, every_n_layers_for,  # noqa: E402
-                         layers_in_compute_dtype, load_model, load_tokenizer, training_attention,
+                         layers_in_compute_dtype, load_model, load_tokenizer, passes_for, training_attention,
                          weights_dequantized_once)
 from ftnb.tasks import classify, sft  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 WARMUP_STEPS = 2  # the first steps pay for allocation and, grouped by length, hold the longest batch
 LORA = dict(r=16, lora_alpha=32, target_modules="all-linear")  # 01's and 02's adapters
-LORA_DROPOUT = 0.05  # 01's cpu preset and both notebooks' default; 02's cpu preset trains without (sft_trainer)
+LORA_DROPOUT = 0.05  # both notebooks' default; their cpu presets train without (the adapter_dropout undo rows)
 SEED = 0
 CHECKPOINT_EVERY_N_LAYERS = 0  # 02's cpu preset: one decoder layer in N recomputed, N chosen by the compute dtype
-MICRO_BATCHES = (4, 8)  # 01's tickets per pass: the preset's, and the larger pass its notebook weighs against memory
-UNDONE = {"torch_dropout": "with torch's dropout",  # the speed-ups cost_of_undoing times
-          "adapter_dropout": f"with the adapters' dropout ({LORA_DROPOUT}, FastDropout's masks), the notebook's default",
+MICRO_BATCHES = (4, 8)  # 01's tickets per pass: its cpu preset's in fp32 and in bf16
+UNDONE = {"adapter_dropout": f"with the adapters' dropout ({LORA_DROPOUT}, FastDropout's masks), the notebook's default",
           "trl_bf16_adapters": "with the adapters in bf16 as TRL stores them",
           "full_vocabulary_head": "with the vocabulary head over every position, the prompt's too",
           "fp32_layers": "with the embedding and the layers' norms in fp32, as prepare_model_for_kbit_training leaves them",
@@ -330,11 +330,12 @@ def vocabulary_head_seconds_per_step(model, batches: list[dict], steps: int, dty
 
 
 def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
-                           torch_dropout: bool = False, fp32_layers: bool = False, cast_adapter_inputs: bool = False,
-                           dequantize_per_pass: bool = False, micro_batch: int = 4):
+                           adapter_dropout: bool = False, fp32_layers: bool = False, cast_adapter_inputs: bool = False,
+                           dequantize_per_pass: bool = False, micro_batch: int | None = None):
     """Recipe 01 at its cpu preset (notebook 01's training cells), limited to `steps` optimizer steps,
-    computing in `dtype`, 16 tickets per step in passes of `micro_batch` (the preset: 4 x 4);
-    `torch_dropout` keeps peft's nn.Dropout instead of the recipe's FastDropout,
+    computing in `dtype`, 16 tickets per step in passes of `micro_batch` (None: the preset's, 8 x 2 in bf16 and
+    4 x 4 in fp32), without the adapters' dropout as the preset trains; `adapter_dropout` trains with it
+    (LORA_DROPOUT, FastDropout's masks, as the notebook's default does),
     `fp32_layers` leaves the embedding and the norms in the fp32 of prepare_model_for_kbit_training (in bf16),
     `cast_adapter_inputs` trains without `adapter_inputs_uncast` (in bf16: peft's fp32 copies of the inputs),
     `dequantize_per_pass` without `weights_dequantized_once` (bitsandbytes de-quantizing in every pass)."""
@@ -346,10 +347,10 @@ def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if not fp32_layers:
         layers_in_compute_dtype(model, dtype)  # bf16 only
-    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], lora_dropout=LORA_DROPOUT,
-                                             **LORA))
-    if not torch_dropout:
-        use_fast_dropout(model)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"],
+                                             lora_dropout=LORA_DROPOUT if adapter_dropout else 0.0, **LORA))
+    use_fast_dropout(model)
+    micro_batch = micro_batch or passes_for(8, 2, MICRO_BATCHES[0], dtype)[0]
     train = classify.tokenize_split(ds["train"], tokenizer, "category", labels, max_length=128)
     args = TrainingArguments(
         output_dir=folder, max_steps=steps, learning_rate=1e-3, per_device_train_batch_size=micro_batch,
@@ -519,13 +520,15 @@ def activations_by_micro_batch(timed: Timed, dtype: torch.dtype) -> dict[str, fl
     return {f"{rows} x 128": saved_activation_mib(timed, rows, 128, dtype) for rows in MICRO_BATCHES}
 
 
-def measure_larger_pass(model_name: str, tokenizer, steps: int, dtype: torch.dtype, recipe: dict) -> dict:
-    """01's steps in passes of MICRO_BATCHES[-1] tickets (the same 16 tickets per step) computing in `dtype`:
-    real tokens per second against the `recipe` row's, and the share of the fp32 matmul limit."""
-    timed = timed_steps(functools.partial(classification_trainer, micro_batch=MICRO_BATCHES[-1]), model_name,
+def measure_other_pass(model_name: str, tokenizer, steps: int, dtype: torch.dtype, recipe: dict) -> dict:
+    """01's steps computing in `dtype` in passes of the other of MICRO_BATCHES than the preset takes in that
+    dtype (the same 16 tickets per step): real tokens per second against the `recipe` row's, and the share of
+    the fp32 matmul limit."""
+    other = next(rows for rows in MICRO_BATCHES if rows != passes_for(8, 2, MICRO_BATCHES[0], dtype)[0])
+    timed = timed_steps(functools.partial(classification_trainer, micro_batch=other), model_name,
                         tokenizer, steps, dtype, (torch.float32,))
     seconds, (real, executed, _) = sum(timed.seconds), token_counts(timed.batches)
-    return {"micro_batch": MICRO_BATCHES[-1], "seconds_per_step": seconds / steps,
+    return {"micro_batch": other, "seconds_per_step": seconds / steps,
             "tokens_per_second_real": real / seconds,
             "times_the_recipes_speed": real / seconds / recipe["tokens_per_second_real"],
             "padding_waste": 1 - real / executed, "fraction_of_fp32_matmul": timed.fraction(torch.float32)}
@@ -542,7 +545,7 @@ def measure(build, model_name: str, tokenizer, steps: int) -> dict:
     tokens_real, tokens_executed, tokens_per_micro = token_counts(batches)
     matmul, fraction_real = statistics.mean(timed.throughput[torch.float32]), timed.fraction(torch.float32)
     nf4_s = nf4_overhead_seconds(model, tokens_per_micro) * len(batches) / steps
-    rate = model.peft_config["default"].lora_dropout  # 0 in 02: peft's identity in place of a dropout, nothing to time
+    rate = model.peft_config["default"].lora_dropout  # 0 at both cpu presets: peft's identity, no masks to time
     dropout_s, torch_dropout_s = ((lora_dropout_seconds(model, tokens_per_micro, layer) * len(batches) / steps if rate
                                    else 0.0) for layer in (FastDropout(rate), torch.nn.Dropout(rate)))
     vocabulary = vocabulary_head_seconds_per_step(model, batches, steps, torch.float32) if not head_trained else None
@@ -684,24 +687,24 @@ def main() -> None:
               f"{vocabulary_line(row)}{attention_line(row)}")
         sft_only = (["trl_bf16_adapters", "full_vocabulary_head", "block_mask_attention", "no_gradient_checkpointing"]
                     if build is sft_trainer else [])
-        dropout = ["torch_dropout"] if build is classification_trainer else ["adapter_dropout"]
-        undo_each(build, dropout + ["dequantize_per_pass"] + sft_only, args.model, tokenizer, args.steps, row, torch.float32, f"{name},")
+        undo_each(build, ["adapter_dropout", "dequantize_per_pass"] + sft_only, args.model, tokenizer, args.steps, row, torch.float32, f"{name},")
         if env.cpu_native_bf16():
             result["recipes_bf16"][name] = half = measure_bf16(build, args.model, tokenizer, args.steps, row)
             print(f"{name}, bf16: {half['seconds_per_step']:.2f} s/step ({half['speedup_over_fp32']:.2f}x fp32), "
                   f"{half['achieved_gflops_real']:.1f} GFLOP/s real: {half['fraction_of_fp32_matmul']:.2f} of the "
                   f"fp32 matmul limit ({half['matmul_fp32_gflops']:.1f} GFLOP/s), {half['fraction_of_bf16_matmul']:.2f} "
                   f"of the bf16 one ({half['matmul_bf16_gflops']:.1f}); {vocabulary_line(half)}{attention_line(half)}")
-            bf16_only = (["fp32_layers", "cast_adapter_inputs", "dequantize_per_pass"] if build is classification_trainer
-                         else ["adapter_dropout", "every_layer_checkpointed", "no_gradient_checkpointing"])
+            bf16_only = ["adapter_dropout"] + (["fp32_layers", "cast_adapter_inputs", "dequantize_per_pass"]
+                                               if build is classification_trainer
+                                               else ["every_layer_checkpointed", "no_gradient_checkpointing"])
             undo_each(build, bf16_only, args.model, tokenizer, args.steps, half, torch.bfloat16, f"{name}, bf16")
-        if build is classification_trainer:  # the larger pass, in the dtype the cpu preset computes in here
+        if build is classification_trainer:  # the other pass, in the dtype the cpu preset computes in here
             dtype = env.pick_dtype(cpu_bf16=True)
             table = result["recipes_bf16" if dtype == torch.bfloat16 else "recipes"][name]
-            table["larger_pass"] = larger = measure_larger_pass(args.model, tokenizer, args.steps, dtype, table)
-            print(f"{name}, {str(dtype).removeprefix('torch.')} in passes of {larger['micro_batch']}: "
-                  f"{larger['tokens_per_second_real']:.0f} real tokens/s ({larger['times_the_recipes_speed']:.2f}x "
-                  f"the recipe's), share {larger['fraction_of_fp32_matmul']:.2f}; saved activations per pass of "
+            table["other_pass"] = other = measure_other_pass(args.model, tokenizer, args.steps, dtype, table)
+            print(f"{name}, {str(dtype).removeprefix('torch.')} in passes of {other['micro_batch']}: "
+                  f"{other['tokens_per_second_real']:.0f} real tokens/s ({other['times_the_recipes_speed']:.2f}x "
+                  f"the recipe's), share {other['fraction_of_fp32_matmul']:.2f}; saved activations per pass of "
                   f"128 tokens each: {table['saved_activation_mib_at_max_length']} MiB")
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("saved", args.out)
