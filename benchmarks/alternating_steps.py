@@ -2,17 +2,18 @@
 
 `cpu_efficiency.py` times each speed-up undone in a run of its own, minutes away from the recipe's row, and
 this machine's speed drifts by up to a third in between. Here one trainer per recipe and speed-up (01 at its cpu
-setting, computing in bf16 where the CPU has bf16 instructions, else fp32; 02 in fp32, its notebook's setting,
-without gradient checkpointing as in `cpu_efficiency.py`) alternates the two arms in pairs of optimizer steps,
-without, with, with, without, ... (grouped by length, a step's batch tends to be shorter than the one before; in
-this order both arms follow each other equally often), switching between steps, outside the timed window
-(`cpu_efficiency.StepTimer` times each step and measures the fp32 matmul reference after it). In both
+setting, computing in bf16 where the CPU has bf16 instructions, else fp32; 02 in fp32 with every decoder layer
+checkpointed, its cpu preset's setting in fp32, as in `cpu_efficiency.py`) alternates the two arms in pairs of
+optimizer steps, without, with, with, without, ... (grouped by length, a step's batch tends to be shorter than
+the one before; in this order both arms follow each other equally often), switching between steps, outside the
+timed window (`cpu_efficiency.StepTimer` times each step and measures the fp32 matmul reference after it). In both
 comparisons the two arms compute the same numbers bit for bit (`tests/test_models.py`, `tests/test_dropout.py`),
 so nothing but the speed-up differs:
   dequantize_once: the 4-bit weights de-quantized once for training (`ftnb.models.weights_dequantized_once`)
                    against bitsandbytes de-quantizing them in every pass;
   uint8_masks:     the dropout masks converted to the compute dtype through uint8 (`ftnb.dropout`) against
-                   multiplying by the bool mask, which torch converts one element at a time.
+                   multiplying by the bool mask, which torch converts one element at a time (both arms with the
+                   adapters' dropout, 0.05, the notebooks' default; the cpu presets train without).
 Reported per arm: seconds per step and the share of the fp32 matmul limit (`cpu_efficiency.py`'s measure,
 which corrects each step for the reference measured right after it), and the ratio without / with of both.
 
@@ -65,7 +66,8 @@ class Comparison:
 
 COMPARISONS = {
     "dequantize_once": Comparison(("per_pass", "once"), "once", weights_dequantized_once, {"dequantize_per_pass": True}),
-    "uint8_masks": Comparison(("bool_masks", "uint8_masks"), "bool_masks", bool_masks, {}),
+    # the masks exist only with the adapters' dropout, which both cpu presets leave out: on for this comparison
+    "uint8_masks": Comparison(("bool_masks", "uint8_masks"), "bool_masks", bool_masks, {"adapter_dropout": True}),
 }
 
 
