@@ -329,6 +329,11 @@ def vocabulary_head_seconds_per_step(model, batches: list[dict], steps: int, dty
             "every_position": sum(vocabulary_head_seconds(model, n, dtype) for n in every) / steps}
 
 
+def preset_micro_batch(dtype: torch.dtype) -> int:
+    """01's tickets per pass at its cpu preset computing in `dtype`: 8 (x 2), or 4 (x 4) in fp32."""
+    return passes_for(MICRO_BATCHES[1], 16 // MICRO_BATCHES[1], MICRO_BATCHES[0], dtype)[0]
+
+
 def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, dtype: torch.dtype,
                            adapter_dropout: bool = False, fp32_layers: bool = False, cast_adapter_inputs: bool = False,
                            dequantize_per_pass: bool = False, micro_batch: int | None = None):
@@ -350,7 +355,7 @@ def classification_trainer(model_name: str, tokenizer, steps: int, folder: str, 
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"],
                                              lora_dropout=LORA_DROPOUT if adapter_dropout else 0.0, **LORA))
     use_fast_dropout(model)
-    micro_batch = micro_batch or passes_for(8, 2, MICRO_BATCHES[0], dtype)[0]
+    micro_batch = micro_batch or preset_micro_batch(dtype)
     train = classify.tokenize_split(ds["train"], tokenizer, "category", labels, max_length=128)
     args = TrainingArguments(
         output_dir=folder, max_steps=steps, learning_rate=1e-3, per_device_train_batch_size=micro_batch,
@@ -524,7 +529,7 @@ def measure_other_pass(model_name: str, tokenizer, steps: int, dtype: torch.dtyp
     """01's steps computing in `dtype` in passes of the other of MICRO_BATCHES than the preset takes in that
     dtype (the same 16 tickets per step): real tokens per second against the `recipe` row's, and the share of
     the fp32 matmul limit."""
-    other = next(rows for rows in MICRO_BATCHES if rows != passes_for(8, 2, MICRO_BATCHES[0], dtype)[0])
+    other = next(rows for rows in MICRO_BATCHES if rows != preset_micro_batch(dtype))
     timed = timed_steps(functools.partial(classification_trainer, micro_batch=other), model_name,
                         tokenizer, steps, dtype, (torch.float32,))
     seconds, (real, executed, _) = sum(timed.seconds), token_counts(timed.batches)
