@@ -8,11 +8,13 @@ the same stratified subset: TF-IDF's C, the epoch kept for QLoRA and for MiniLM,
 chosen on validation inside the run, as in the recipe. The out-of-distribution tickets (`data/tickets_ood`) are
 scored in every run and choose nothing. The curve has one seed per point: the recipe's own runs move a macro-F1
 difference by about 0.04 between seeds and arithmetic (its Results), so read the trend, not one step of it; the
-third epoch is measured against two at a second seed as well.
+third epoch is measured against two at a second seed as well, and at each seed the two runs' saved classifiers
+predict the test and out-of-distribution tickets again (`ftnb.saved.load`, which reproduces a run's predictions)
+for a paired test of three epochs against two.
 
 Usage: flock /tmp/ftnb-cpu.lock .venv/bin/python benchmarks/learning_curve_01.py
-       (writes benchmarks/learning_curve_01.json; 1 h 40 min on 2 idle cores, 9-22 min a run; runs that already
-       succeeded in the sweep folder are not run again)
+       (writes benchmarks/learning_curve_01.json; 1 h 45 min on 2 idle cores, 9-22 min a run and 5 min for the
+       paired test; runs that already succeeded in the sweep folder are not run again)
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from generative_classification import compare  # noqa: E402
+
+from ftnb import data, saved  # noqa: E402
 from ftnb.sweep import run_sweep  # noqa: E402
 
 NOTEBOOK, PRESET = "01_ticket_classification", "cpu"
@@ -75,21 +80,46 @@ def point(metrics: dict, run) -> dict:
             "ood_vs_tfidf": {name: against_tfidf(c) for name, c in ood["vs_tfidf"].items()}}
 
 
+def third_epoch_paired(folders: dict[tuple[int, int], Path]) -> dict:
+    """Per seed, QLoRA after three epochs against two on the same tickets: macro-F1, the paired bootstrap of
+    the difference and McNemar's test, from each run's saved classifier (`folders`: (seed, epochs) -> run folder).
+    The macro-F1 reproduces the run's own (checked in `main`)."""
+    splits = {"test": data.load("tickets")["test"], "ood": data.load("tickets_ood", splits=("test",))["test"]}
+    result = {}
+    for seed in sorted({seed for seed, _ in folders}):
+        classifiers = {f"{epochs} epochs": saved.load(folders[(seed, epochs)] / "classifier") for epochs in (2, 3)}
+        labels = classifiers["2 epochs"].labels
+        result[f"seed {seed}"] = {split: compare({name: clf.probabilities(list(rows)) for name, clf in classifiers.items()},
+                                                 list(rows[classifiers["2 epochs"].label_field]), labels,
+                                                 [("3 epochs", "2 epochs")]) for split, rows in splits.items()}
+    return result
+
+
 def main() -> None:
     tables = [run_sweep(NOTEBOOK, PRESET, {k: [str(v) for v in values] for k, values in grid.items()},
                         fixed=FIXED, sweep_dir=SWEEP_DIR) for grid in GRIDS]
-    points = []
+    points, folders = [], {}
     for table in tables:
         for row in table.itertuples():
             if row.status != "ok":
                 raise SystemExit(f"{SWEEP_DIR / row.run}: {row.status} ({row.error}); run this script again")
             points.append(point(json.loads((SWEEP_DIR / row.run / "metrics.json").read_text()), row))
+            if int(row.train_limit) == 0:
+                folders[(int(row.seed), int(row.epochs))] = SWEEP_DIR / row.run
     points.sort(key=lambda p: (p["seed"], p["epochs"], p["train_tickets"]))
-    OUT.write_text(json.dumps({"notebook": NOTEBOOK, "preset": PRESET, "fixed": FIXED, "points": points}, indent=2) + "\n")
+    paired = third_epoch_paired(folders)
+    for p in (p for p in points if p["train_tickets"] == 1378):  # the saved classifiers predict as their runs did
+        again = paired[f"seed {p['seed']}"]["ood"]["macro_f1"][f"{p['epochs']} epochs"]["estimate"]
+        assert abs(again - p["ood"]["QLoRA"][0]) < 1e-9, f"seed {p['seed']}, {p['epochs']} epochs: {again} != {p['ood']['QLoRA'][0]}"
+    OUT.write_text(json.dumps({"notebook": NOTEBOOK, "preset": PRESET, "fixed": FIXED, "points": points,
+                               "third_epoch_paired": paired}, indent=2) + "\n")
     for p in points:
         print(f"{p['train_tickets']:5d} tickets, {p['epochs']} epochs, seed {p['seed']}:",
               "test", {k: v[0] for k, v in p["test"].items()}, "OOD", {k: v[0] for k, v in p["ood"].items()},
               "OOD - TF-IDF", {k: v["difference"][0] for k, v in p["ood_vs_tfidf"].items()})
+    for seed, splits in paired.items():
+        print(seed, "3 epochs - 2:", {split: r["paired_difference"]["3 epochs - 2 epochs"]["estimate"] for split, r in splits.items()},
+              "McNemar p:", {split: r["mcnemar"]["3 epochs vs 2 epochs"]["p_value"] for split, r in splits.items()})
     print(f"wrote {OUT}")
 
 
