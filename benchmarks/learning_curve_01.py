@@ -80,10 +80,10 @@ def point(metrics: dict, run) -> dict:
             "ood_vs_tfidf": {name: against_tfidf(c) for name, c in ood["vs_tfidf"].items()}}
 
 
-def third_epoch_paired(folders: dict[tuple[int, int], Path]) -> dict:
+def third_epoch_paired(folders: dict[tuple[int, int], Path], ood_f1: dict[tuple[int, int], float]) -> dict:
     """Per seed, QLoRA after three epochs against two on the same tickets: macro-F1, the paired bootstrap of
     the difference and McNemar's test, from each run's saved classifier (`folders`: (seed, epochs) -> run folder).
-    The macro-F1 reproduces the run's own (checked in `main`)."""
+    Raises unless each classifier's out-of-distribution macro-F1 is its run's own (`ood_f1`, same keys)."""
     splits = {"test": data.load("tickets")["test"], "ood": data.load("tickets_ood", splits=("test",))["test"]}
     result = {}
     for seed in sorted({seed for seed, _ in folders}):
@@ -92,25 +92,28 @@ def third_epoch_paired(folders: dict[tuple[int, int], Path]) -> dict:
         result[f"seed {seed}"] = {split: compare({name: clf.probabilities(list(rows)) for name, clf in classifiers.items()},
                                                  list(rows[classifiers["2 epochs"].label_field]), labels,
                                                  [("3 epochs", "2 epochs")]) for split, rows in splits.items()}
+        for epochs in (2, 3):
+            again = result[f"seed {seed}"]["ood"]["macro_f1"][f"{epochs} epochs"]["estimate"]
+            if abs(again - ood_f1[(seed, epochs)]) > 1e-9:
+                raise SystemExit(f"seed {seed}, {epochs} epochs: the saved classifier scores {again} out of distribution, "
+                                 f"its run {ood_f1[(seed, epochs)]}; the run folder no longer holds that run's model")
     return result
 
 
 def main() -> None:
     tables = [run_sweep(NOTEBOOK, PRESET, {k: [str(v) for v in values] for k, values in grid.items()},
                         fixed=FIXED, sweep_dir=SWEEP_DIR) for grid in GRIDS]
-    points, folders = [], {}
+    points, folders, ood_f1 = [], {}, {}
     for table in tables:
         for row in table.itertuples():
             if row.status != "ok":
                 raise SystemExit(f"{SWEEP_DIR / row.run}: {row.status} ({row.error}); run this script again")
             points.append(point(json.loads((SWEEP_DIR / row.run / "metrics.json").read_text()), row))
-            if int(row.train_limit) == 0:
-                folders[(int(row.seed), int(row.epochs))] = SWEEP_DIR / row.run
+            if int(row.train_limit) == 0:  # every ticket: the runs the third epoch is paired on
+                key = (int(row.seed), int(row.epochs))
+                folders[key], ood_f1[key] = SWEEP_DIR / row.run, points[-1]["ood"]["QLoRA"][0]
     points.sort(key=lambda p: (p["seed"], p["epochs"], p["train_tickets"]))
-    paired = third_epoch_paired(folders)
-    for p in (p for p in points if p["train_tickets"] == 1378):  # the saved classifiers predict as their runs did
-        again = paired[f"seed {p['seed']}"]["ood"]["macro_f1"][f"{p['epochs']} epochs"]["estimate"]
-        assert abs(again - p["ood"]["QLoRA"][0]) < 1e-9, f"seed {p['seed']}, {p['epochs']} epochs: {again} != {p['ood']['QLoRA'][0]}"
+    paired = third_epoch_paired(folders, ood_f1)
     OUT.write_text(json.dumps({"notebook": NOTEBOOK, "preset": PRESET, "fixed": FIXED, "points": points,
                                "third_epoch_paired": paired}, indent=2) + "\n")
     for p in points:
